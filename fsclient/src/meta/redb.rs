@@ -1,0 +1,436 @@
+//! The embedded engine: one redb file.
+//!
+//! Everything lives in one ordered table of byte keys, each starting with a one-byte
+//! record type and big-endian numbers so that the scans the engine needs (a directory in
+//! cookie order, the xattrs of an inode, dead slices by age) are key ranges:
+//!
+//! ```text
+//! A ino                 -> attr            D parent name        -> dentry
+//! C parent cookie       -> name            L ino                -> symlink target
+//! X ino name            -> xattr value     K ino chunk-index    -> slice records
+//! F                     -> format          N counter-name       -> u64 (last id)
+//! U                     -> usage           S sid                -> session info
+//! P sid ino             -> (sustained)     R ino                -> locks
+//! Q sid ino             -> (locked by sid) G since id           -> slice size (dead)
+//! g id                  -> since
+//! ```
+//!
+//! The database is opened in redb's multi-writer mode: during a live upgrade the old and
+//! the new client both have it open, and redb serializes their write transactions with
+//! file locks. Every commit is durable (fsync) before the operation is answered.
+
+use std::path::Path;
+
+use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::*;
+
+const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("baton");
+
+/// The redb backend.
+#[derive(Debug)]
+pub struct RedbBackend {
+    db: Database,
+}
+
+fn backend_err(e: impl std::error::Error + Send + Sync + 'static) -> MetaError {
+    MetaError::Backend { backend: "redb", source: Box::new(e) }
+}
+
+impl RedbBackend {
+    /// Opens (creating if needed) the database file at `path`; creates its directory.
+    pub fn open(path: &Path) -> Result<Self> {
+        let open_err = |e: Box<dyn std::error::Error + Send + Sync>| MetaError::Open {
+            target: path.display().to_string(),
+            source: e,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| open_err(Box::new(e)))?;
+        }
+        let db = Database::builder()
+            .set_concurrency_mode(::redb::ConcurrencyMode::MultiWriter)
+            .create(path)
+            .map_err(|e| open_err(Box::new(e)))?;
+        // Create the table so that read transactions always find it.
+        let w = db.begin_write().map_err(|e| open_err(Box::new(e)))?;
+        w.open_table(KV).map_err(|e| open_err(Box::new(e)))?;
+        w.commit().map_err(|e| open_err(Box::new(e)))?;
+        Ok(RedbBackend { db })
+    }
+}
+
+impl Backend for RedbBackend {
+    fn name(&self) -> &'static str {
+        "redb"
+    }
+
+    fn write<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        let w = self.db.begin_write().map_err(backend_err)?;
+        let out = {
+            let table = w.open_table(KV).map_err(backend_err)?;
+            let mut tx = RedbTx { table: TableRef::Write(table) };
+            f(&mut tx)
+        };
+        match out {
+            Ok(v) => {
+                w.commit().map_err(backend_err)?;
+                Ok(v)
+            }
+            Err(e) => {
+                w.abort().map_err(backend_err)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn read<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        let r = self.db.begin_read().map_err(backend_err)?;
+        let table = r.open_table(KV).map_err(backend_err)?;
+        let mut tx = RedbTx { table: TableRef::Read(table) };
+        f(&mut tx)
+    }
+}
+
+enum TableRef<'t> {
+    Write(::redb::Table<'t, &'static [u8], &'static [u8]>),
+    Read(::redb::ReadOnlyTable<&'static [u8], &'static [u8]>),
+}
+
+struct RedbTx<'t> {
+    table: TableRef<'t>,
+}
+
+fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
+    k.push(tag);
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+fn be(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+/// Sortable bytes of a signed timestamp.
+fn ts_key(t: Timestamp) -> [u8; 8] {
+    ((t.0 as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn u64_at(b: &[u8], at: usize) -> Result<u64> {
+    b.get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or(MetaError::Corrupt(Corrupt { what: "key" }))
+}
+
+/// The key just past every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 1]
+}
+
+impl RedbTx<'_> {
+    fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        let v = match &self.table {
+            TableRef::Write(t) => t.get(k).map_err(backend_err)?.map(|g| g.value().to_vec()),
+            TableRef::Read(t) => t.get(k).map_err(backend_err)?.map(|g| g.value().to_vec()),
+        };
+        Ok(v)
+    }
+
+    fn put(&mut self, k: &[u8], v: &[u8]) -> Result<()> {
+        match &mut self.table {
+            TableRef::Write(t) => {
+                t.insert(k, v).map_err(backend_err)?;
+                Ok(())
+            }
+            TableRef::Read(_) => Err(MetaError::ReadOnly),
+        }
+    }
+
+    fn del(&mut self, k: &[u8]) -> Result<()> {
+        match &mut self.table {
+            TableRef::Write(t) => {
+                t.remove(k).map_err(backend_err)?;
+                Ok(())
+            }
+            TableRef::Read(_) => Err(MetaError::ReadOnly),
+        }
+    }
+
+    /// Keys and values in `[from, to)`, at most `limit`.
+    fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        macro_rules! collect {
+            ($t:expr) => {{
+                for item in $t.range::<&[u8]>(from..to).map_err(backend_err)? {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    let (k, v) = item.map_err(backend_err)?;
+                    out.push((k.value().to_vec(), v.value().to_vec()));
+                }
+            }};
+        }
+        match &self.table {
+            TableRef::Write(t) => collect!(t),
+            TableRef::Read(t) => collect!(t),
+        }
+        Ok(out)
+    }
+
+    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.scan(prefix, &prefix_end(prefix), limit)
+    }
+
+    fn del_prefix(&mut self, prefix: &[u8]) -> Result<()> {
+        for (k, _) in self.scan_prefix(prefix, usize::MAX)? {
+            self.del(&k)?;
+        }
+        Ok(())
+    }
+}
+
+impl Tx for RedbTx<'_> {
+    fn attr(&mut self, ino: Ino) -> Result<Option<Attr>> {
+        Ok(self.get(&key(b'A', &[&be(ino.0)]))?.map(|v| Attr::decode(&v)).transpose()?)
+    }
+
+    fn set_attr(&mut self, ino: Ino, attr: &Attr) -> Result<()> {
+        self.put(&key(b'A', &[&be(ino.0)]), &attr.encode())
+    }
+
+    fn del_attr(&mut self, ino: Ino) -> Result<()> {
+        self.del(&key(b'A', &[&be(ino.0)]))
+    }
+
+    fn dentry(&mut self, parent: Ino, name: &[u8]) -> Result<Option<Dentry>> {
+        Ok(self.get(&key(b'D', &[&be(parent.0), name]))?.map(|v| Dentry::decode(&v)).transpose()?)
+    }
+
+    fn set_dentry(&mut self, parent: Ino, name: &[u8], dentry: &Dentry) -> Result<()> {
+        self.put(&key(b'D', &[&be(parent.0), name]), &dentry.encode())?;
+        self.put(&key(b'C', &[&be(parent.0), &be(dentry.cookie)]), name)
+    }
+
+    fn del_dentry(&mut self, parent: Ino, name: &[u8], cookie: u64) -> Result<()> {
+        self.del(&key(b'D', &[&be(parent.0), name]))?;
+        self.del(&key(b'C', &[&be(parent.0), &be(cookie)]))
+    }
+
+    fn dir_entries(&mut self, parent: Ino, after: u64, limit: usize) -> Result<Vec<(Vec<u8>, Dentry)>> {
+        let from = key(b'C', &[&be(parent.0), &be(after.saturating_add(1))]);
+        let to = prefix_end(&key(b'C', &[&be(parent.0)]));
+        let mut out = Vec::new();
+        for (_, name) in self.scan(&from, &to, limit)? {
+            match self.dentry(parent, &name)? {
+                Some(d) => out.push((name, d)),
+                None => return Err(MetaError::Corrupt(Corrupt { what: "directory index" })),
+            }
+        }
+        Ok(out)
+    }
+
+    fn dir_is_empty(&mut self, parent: Ino) -> Result<bool> {
+        Ok(self.scan_prefix(&key(b'D', &[&be(parent.0)]), 1)?.is_empty())
+    }
+
+    fn symlink(&mut self, ino: Ino) -> Result<Option<Vec<u8>>> {
+        self.get(&key(b'L', &[&be(ino.0)]))
+    }
+
+    fn set_symlink(&mut self, ino: Ino, target: &[u8]) -> Result<()> {
+        self.put(&key(b'L', &[&be(ino.0)]), target)
+    }
+
+    fn del_symlink(&mut self, ino: Ino) -> Result<()> {
+        self.del(&key(b'L', &[&be(ino.0)]))
+    }
+
+    fn xattr(&mut self, ino: Ino, name: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.get(&key(b'X', &[&be(ino.0), name]))
+    }
+
+    fn set_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8]) -> Result<()> {
+        self.put(&key(b'X', &[&be(ino.0), name]), value)
+    }
+
+    fn del_xattr(&mut self, ino: Ino, name: &[u8]) -> Result<()> {
+        self.del(&key(b'X', &[&be(ino.0), name]))
+    }
+
+    fn xattr_names(&mut self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        Ok(self
+            .scan_prefix(&key(b'X', &[&be(ino.0)]), usize::MAX)?
+            .into_iter()
+            .map(|(k, _)| k[9..].to_vec())
+            .collect())
+    }
+
+    fn del_xattrs(&mut self, ino: Ino) -> Result<()> {
+        self.del_prefix(&key(b'X', &[&be(ino.0)]))
+    }
+
+    fn chunk(&mut self, ino: Ino, index: u32) -> Result<Vec<Slice>> {
+        match self.get(&key(b'K', &[&be(ino.0), &index.to_be_bytes()]))? {
+            Some(v) => Ok(Slice::decode_list(&v)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn append_slice(&mut self, ino: Ino, index: u32, slice: &Slice) -> Result<()> {
+        let k = key(b'K', &[&be(ino.0), &index.to_be_bytes()]);
+        let mut v = self.get(&k)?.unwrap_or_default();
+        slice.encode_into(&mut v);
+        self.put(&k, &v)
+    }
+
+    fn set_chunk(&mut self, ino: Ino, index: u32, slices: &[Slice]) -> Result<()> {
+        let k = key(b'K', &[&be(ino.0), &index.to_be_bytes()]);
+        if slices.is_empty() {
+            return self.del(&k);
+        }
+        let mut v = Vec::with_capacity(slices.len() * SLICE_LEN);
+        for s in slices {
+            s.encode_into(&mut v);
+        }
+        self.put(&k, &v)
+    }
+
+    fn format(&mut self) -> Result<Option<Format>> {
+        Ok(self.get(b"F")?.map(|v| Format::decode(&v)).transpose()?)
+    }
+
+    fn set_format(&mut self, format: &Format) -> Result<()> {
+        self.put(b"F", &format.encode())
+    }
+
+    fn alloc(&mut self, counter: Counter, n: u64) -> Result<u64> {
+        let k = key(b'N', &[counter.key().as_bytes()]);
+        let last = match self.get(&k)? {
+            Some(v) => u64_at(&v, 0)?,
+            None => 0,
+        };
+        let new_last = last.checked_add(n).ok_or(MetaError::NoSpace)?;
+        self.put(&k, &be(new_last))?;
+        Ok(last + 1)
+    }
+
+    fn add_usage(&mut self, bytes: i64, inodes: i64) -> Result<()> {
+        let u = self.usage()?;
+        let mut v = Vec::with_capacity(16);
+        v.extend_from_slice(&u.used_bytes.saturating_add_signed(bytes).to_be_bytes());
+        v.extend_from_slice(&u.used_inodes.saturating_add_signed(inodes).to_be_bytes());
+        self.put(b"U", &v)
+    }
+
+    fn usage(&mut self) -> Result<Usage> {
+        match self.get(b"U")? {
+            Some(v) => Ok(Usage { used_bytes: u64_at(&v, 0)?, used_inodes: u64_at(&v, 8)? }),
+            None => Ok(Usage::default()),
+        }
+    }
+
+    fn session(&mut self, sid: SessionId) -> Result<Option<SessionInfo>> {
+        Ok(self.get(&key(b'S', &[&be(sid.0)]))?.map(|v| SessionInfo::decode(&v)).transpose()?)
+    }
+
+    fn set_session(&mut self, sid: SessionId, info: &SessionInfo) -> Result<()> {
+        self.put(&key(b'S', &[&be(sid.0)]), &info.encode())
+    }
+
+    fn del_session(&mut self, sid: SessionId) -> Result<()> {
+        self.del(&key(b'S', &[&be(sid.0)]))
+    }
+
+    fn sessions(&mut self) -> Result<Vec<(SessionId, SessionInfo)>> {
+        self.scan_prefix(b"S", usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| Ok((SessionId(u64_at(&k, 1)?), SessionInfo::decode(&v)?)))
+            .collect()
+    }
+
+    fn sustained(&mut self, sid: SessionId) -> Result<Vec<Ino>> {
+        self.scan_prefix(&key(b'P', &[&be(sid.0)]), usize::MAX)?
+            .into_iter()
+            .map(|(k, _)| Ok(Ino(u64_at(&k, 9)?)))
+            .collect()
+    }
+
+    fn add_sustained(&mut self, sid: SessionId, ino: Ino) -> Result<()> {
+        self.put(&key(b'P', &[&be(sid.0), &be(ino.0)]), &[])
+    }
+
+    fn del_sustained(&mut self, sid: SessionId, ino: Ino) -> Result<()> {
+        self.del(&key(b'P', &[&be(sid.0), &be(ino.0)]))
+    }
+
+    fn locks(&mut self, ino: Ino) -> Result<Vec<RangeLock>> {
+        match self.get(&key(b'R', &[&be(ino.0)]))? {
+            Some(v) => Ok(RangeLock::decode_list(&v)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn set_locks(&mut self, ino: Ino, locks: &[RangeLock]) -> Result<()> {
+        let k = key(b'R', &[&be(ino.0)]);
+        if locks.is_empty() {
+            self.del(&k)
+        } else {
+            self.put(&k, &RangeLock::encode_list(locks))
+        }
+    }
+
+    fn session_locked(&mut self, sid: SessionId) -> Result<Vec<Ino>> {
+        self.scan_prefix(&key(b'Q', &[&be(sid.0)]), usize::MAX)?
+            .into_iter()
+            .map(|(k, _)| Ok(Ino(u64_at(&k, 9)?)))
+            .collect()
+    }
+
+    fn add_session_locked(&mut self, sid: SessionId, ino: Ino) -> Result<()> {
+        self.put(&key(b'Q', &[&be(sid.0), &be(ino.0)]), &[])
+    }
+
+    fn del_session_locked(&mut self, sid: SessionId, ino: Ino) -> Result<()> {
+        self.del(&key(b'Q', &[&be(sid.0), &be(ino.0)]))
+    }
+
+    fn add_dead_slice(&mut self, dead: &DeadSlice) -> Result<()> {
+        self.put(&key(b'G', &[&ts_key(dead.since), &be(dead.id)]), &dead.size.to_be_bytes())?;
+        self.put(&key(b'g', &[&be(dead.id)]), &ts_key(dead.since))
+    }
+
+    fn dead_slices(&mut self, before: Timestamp, limit: usize) -> Result<Vec<DeadSlice>> {
+        let to = key(b'G', &[&ts_key(before)]);
+        self.scan(b"G", &to, limit)?
+            .into_iter()
+            .map(|(k, v)| {
+                let since = Timestamp((u64_at(&k, 1)? ^ (1 << 63)) as i64);
+                let size = v
+                    .as_slice()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| Corrupt { what: "dead slice" })?;
+                Ok(DeadSlice { id: u64_at(&k, 9)?, size, since })
+            })
+            .collect()
+    }
+
+    fn del_dead_slice(&mut self, id: u64) -> Result<()> {
+        let gk = key(b'g', &[&be(id)]);
+        if let Some(since) = self.get(&gk)? {
+            self.del(&key(b'G', &[&since, &be(id)]))?;
+            self.del(&gk)?;
+        }
+        Ok(())
+    }
+}
