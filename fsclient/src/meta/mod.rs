@@ -341,7 +341,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
 /// `redis://host:port/db`.
 pub fn open(url: &str) -> Result<Arc<dyn MetaEngine>, MetaError> {
     let parsed = url::Url::parse(url).map_err(|e| MetaError::BadUrl {
-        url: url.to_string(),
+        url: redis::redact(url),
         reason: e.to_string(),
     })?;
     match parsed.scheme() {
@@ -357,7 +357,7 @@ pub fn open(url: &str) -> Result<Arc<dyn MetaEngine>, MetaError> {
         }
         "redis" | "rediss" => Ok(Arc::new(Meta::new(redis::RedisBackend::open(url)?))),
         other => Err(MetaError::BadUrl {
-            url: url.to_string(),
+            url: redis::redact(url),
             reason: format!("unknown metadata scheme {other:?} (use redb:// or redis://)"),
         }),
     }
