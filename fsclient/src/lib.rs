@@ -9,4 +9,6 @@
 //! connection), keep state that a successor process cannot rebuild from the metadata
 //! engine and the handed-over state, or answer a request it did not execute.
 
+pub mod data;
 pub mod meta;
+pub mod vfs;

@@ -1,0 +1,225 @@
+//! File and directory handles.
+//!
+//! A handle number ([`Fh`]) carries everything needed to rebuild the handle in a process
+//! that has never seen it (a successor after a live upgrade or a crash): the inode, the
+//! open mode and a counter that makes it unique among the inode's open handles.
+//!
+//! ```text
+//!  63            44 43  42  41  40 39                                   0
+//! +----------------+---+---+---+---+--------------------------------------+
+//! | counter (20 b) |dir|app| w | r |            inode (40 bits)           |
+//! +----------------+---+---+---+---+--------------------------------------+
+//! ```
+//!
+//! The per-process part of a handle (read-ahead state) is a cache: losing it costs only a
+//! cold read-ahead.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::data::ReadState;
+use crate::meta::Ino;
+
+const INO_BITS: u32 = 40;
+const FLAG_SHIFT: u32 = INO_BITS;
+const COUNTER_SHIFT: u32 = 44;
+const COUNTER_MASK: u32 = (1 << 20) - 1;
+
+/// How a handle was opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct HandleFlags {
+    pub read: bool,
+    pub write: bool,
+    pub append: bool,
+    pub dir: bool,
+}
+
+impl HandleFlags {
+    /// From open(2) flags.
+    pub fn from_open_flags(flags: i32) -> Self {
+        let acc = flags & libc::O_ACCMODE;
+        HandleFlags {
+            read: acc == libc::O_RDONLY || acc == libc::O_RDWR,
+            write: acc == libc::O_WRONLY || acc == libc::O_RDWR,
+            append: flags & libc::O_APPEND != 0,
+            dir: false,
+        }
+    }
+
+    pub fn directory() -> Self {
+        HandleFlags { read: true, dir: true, ..Default::default() }
+    }
+
+    fn bits(self) -> u64 {
+        u64::from(self.read) | u64::from(self.write) << 1 | u64::from(self.append) << 2 | u64::from(self.dir) << 3
+    }
+
+    fn from_bits(b: u64) -> Self {
+        HandleFlags { read: b & 1 != 0, write: b & 2 != 0, append: b & 4 != 0, dir: b & 8 != 0 }
+    }
+}
+
+/// A file handle number as the kernel sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fh(pub u64);
+
+impl Fh {
+    pub fn new(ino: Ino, flags: HandleFlags, counter: u32) -> Self {
+        debug_assert!(ino.0 <= Ino::MAX);
+        Fh((ino.0 & Ino::MAX)
+            | flags.bits() << FLAG_SHIFT
+            | u64::from(counter & COUNTER_MASK) << COUNTER_SHIFT)
+    }
+
+    pub fn ino(self) -> Ino {
+        Ino(self.0 & Ino::MAX)
+    }
+
+    pub fn flags(self) -> HandleFlags {
+        HandleFlags::from_bits((self.0 >> FLAG_SHIFT) & 0xf)
+    }
+
+    pub fn counter(self) -> u32 {
+        (self.0 >> COUNTER_SHIFT) as u32 & COUNTER_MASK
+    }
+}
+
+/// An open file or directory.
+#[derive(Debug)]
+pub struct Handle {
+    pub fh: Fh,
+    pub read_state: Mutex<ReadState>,
+}
+
+impl Handle {
+    pub fn ino(&self) -> Ino {
+        self.fh.ino()
+    }
+
+    pub fn flags(&self) -> HandleFlags {
+        self.fh.flags()
+    }
+}
+
+/// The open handles of this process, and how many each inode has.
+#[derive(Debug, Default)]
+pub struct HandleTable {
+    inner: Mutex<Tables>,
+    counter: AtomicU32,
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    handles: HashMap<Fh, Arc<Handle>>,
+    open: HashMap<Ino, u32>,
+}
+
+impl Tables {
+    fn insert(&mut self, fh: Fh) -> Arc<Handle> {
+        let h = Arc::new(Handle { fh, read_state: Mutex::new(ReadState::default()) });
+        self.handles.insert(fh, h.clone());
+        if !fh.flags().dir {
+            *self.open.entry(fh.ino()).or_insert(0) += 1;
+        }
+        h
+    }
+}
+
+impl HandleTable {
+    /// Opens a new handle.
+    pub fn open(&self, ino: Ino, flags: HandleFlags) -> Arc<Handle> {
+        let mut t = self.inner.lock();
+        loop {
+            let c = self.counter.fetch_add(1, Ordering::Relaxed) & COUNTER_MASK;
+            let fh = Fh::new(ino, flags, c);
+            // 2^20 handles open on one inode at once would loop forever; that many open
+            // files exceed any process's fd limit long before.
+            if !t.handles.contains_key(&fh) {
+                return t.insert(fh);
+            }
+        }
+    }
+
+    /// The handle for `fh`; rebuilt from the number if this process has not seen it (it
+    /// was opened by a predecessor). `None` if `fh` does not belong to `ino`.
+    pub fn get(&self, ino: Ino, fh: u64) -> Option<Arc<Handle>> {
+        let fh = Fh(fh);
+        if fh.ino() != ino {
+            return None;
+        }
+        let mut t = self.inner.lock();
+        if let Some(h) = t.handles.get(&fh) {
+            return Some(h.clone());
+        }
+        Some(t.insert(fh))
+    }
+
+    /// Closes a handle; returns whether it was the inode's last open file handle here.
+    pub fn close(&self, fh: u64) -> bool {
+        let fh = Fh(fh);
+        let mut t = self.inner.lock();
+        if t.handles.remove(&fh).is_none() || fh.flags().dir {
+            return false;
+        }
+        let ino = fh.ino();
+        match t.open.get_mut(&ino) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                t.open.remove(&ino);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn is_open(&self, ino: Ino) -> bool {
+        self.inner.lock().open.contains_key(&ino)
+    }
+
+    /// Every open handle number (for the state handed to a successor).
+    pub fn all(&self) -> Vec<Fh> {
+        self.inner.lock().handles.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn fh_roundtrip(ino in 1u64..=Ino::MAX, r: bool, w: bool, a: bool, d: bool, c in 0u32..(1 << 20)) {
+            let flags = HandleFlags { read: r, write: w, append: a, dir: d };
+            let fh = Fh::new(Ino(ino), flags, c);
+            prop_assert_eq!(fh.ino(), Ino(ino));
+            prop_assert_eq!(fh.flags(), flags);
+            prop_assert_eq!(fh.counter(), c);
+        }
+    }
+
+    #[test]
+    fn open_counts_and_rebuild() {
+        let t = HandleTable::default();
+        let a = t.open(Ino(5), HandleFlags::from_open_flags(libc::O_RDWR | libc::O_APPEND));
+        let b = t.open(Ino(5), HandleFlags::from_open_flags(libc::O_RDONLY));
+        assert_ne!(a.fh, b.fh);
+        assert!(a.flags().write && a.flags().append && !b.flags().write);
+        assert!(t.is_open(Ino(5)));
+        assert!(!t.close(a.fh.0));
+        assert!(t.close(b.fh.0));
+        assert!(!t.is_open(Ino(5)));
+        // A handle number from another process is rebuilt, with its mode.
+        let other = HandleTable::default();
+        let h = other.get(Ino(5), a.fh.0).unwrap();
+        assert!(h.flags().append);
+        assert!(other.is_open(Ino(5)));
+        assert!(other.get(Ino(6), a.fh.0).is_none());
+    }
+}

@@ -1,0 +1,624 @@
+//! The filesystem: POSIX operations over the metadata engine and the data path, with no
+//! FUSE types (the adapter in `fuse::adapter` converts).
+//!
+//! What it keeps in memory is either a cache or is rebuilt from the metadata engine and
+//! the handle numbers ([`handle`]): a successor process can serve any request this one
+//! was serving. What it must never do: answer before the metadata change is committed, or
+//! drop written data that was acknowledged (it is flushed on fsync, flush, close, and
+//! before anything that depends on it: truncate, reads, shutdown).
+
+mod background;
+mod errno;
+pub mod handle;
+pub mod perm;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::data::{DataConfig, DataStore};
+use crate::meta::{
+    self, Attr, Caller, DirEntry, Fallocate, FileKind, Format, Ino, LockOwner, LockRequest, LockType, MetaEngine,
+    MetaError, NewNode, RangeLock, RenameFlags, SessionId, SessionInfo, SetAttr, Timestamp, XattrMode,
+};
+
+pub use errno::{FsError, meta_errno};
+use handle::{Fh, Handle, HandleFlags, HandleTable};
+
+pub type Result<T, E = FsError> = std::result::Result<T, E>;
+
+/// How a client serves a volume.
+#[derive(Clone, Debug)]
+pub struct VfsConfig {
+    pub meta_url: String,
+    pub mountpoint: String,
+    /// Baton's data directory; the block cache defaults to `home/cache/<volume uuid>`.
+    pub home: PathBuf,
+    pub attr_ttl: Duration,
+    pub entry_ttl: Duration,
+    pub cache_dir: Option<PathBuf>,
+    pub cache_bytes: u64,
+    pub version: String,
+    /// How often the session's heartbeat is written.
+    pub heartbeat: Duration,
+    /// Sessions silent for longer than this are cleaned up by other clients.
+    pub session_timeout: Duration,
+    /// How long an unreferenced object is kept before it is deleted (readers that
+    /// resolved the old layout may still fetch it).
+    pub gc_grace: Duration,
+}
+
+impl VfsConfig {
+    pub fn new(meta_url: impl Into<String>, mountpoint: impl Into<String>, home: impl Into<PathBuf>) -> Self {
+        VfsConfig {
+            meta_url: meta_url.into(),
+            mountpoint: mountpoint.into(),
+            home: home.into(),
+            attr_ttl: Duration::from_secs(1),
+            entry_ttl: Duration::from_secs(1),
+            cache_dir: None,
+            cache_bytes: 1 << 30,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            heartbeat: Duration::from_secs(10),
+            session_timeout: Duration::from_secs(300),
+            gc_grace: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Opening the filesystem failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open the metadata engine")]
+    Meta(#[source] MetaError),
+    #[error("cannot read the volume settings")]
+    Format(#[source] MetaError),
+    #[error("cannot open the object storage")]
+    Data(#[source] crate::data::OpenError),
+    #[error("cannot open a session in the metadata engine")]
+    Session(#[source] MetaError),
+    #[error("cannot start the background worker")]
+    Background(#[source] std::io::Error),
+}
+
+/// Shutting the filesystem down failed; data may not have been written.
+#[derive(Debug, thiserror::Error)]
+pub enum ShutdownError {
+    #[error("flushing written data failed")]
+    Flush(#[source] crate::data::DataError),
+    #[error("closing the session failed")]
+    Session(#[source] MetaError),
+}
+
+/// What `statfs` reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+/// Reported capacity of a volume without a quota: 1 PiB.
+const UNLIMITED_BYTES: u64 = 1 << 50;
+const UNLIMITED_INODES: u64 = 1 << 40;
+
+/// One Baton volume, served to the kernel.
+#[derive(Debug)]
+pub struct Vfs {
+    meta: Arc<dyn MetaEngine>,
+    data: Arc<DataStore>,
+    format: Format,
+    sid: SessionId,
+    config: VfsConfig,
+    handles: HandleTable,
+    /// Kernel lookup references per inode (entries handed out minus forgets).
+    lookups: Mutex<HashMap<Ino, u64>>,
+    /// Inodes that lost their last name while open here: freed at their last close.
+    orphans: Mutex<HashSet<Ino>>,
+    /// (inode, lock owner) pairs that took a lock here, so that a close only writes to
+    /// the metadata engine when there is a lock to release.
+    lockers: Mutex<HashSet<(Ino, u64)>>,
+    background: Mutex<Option<background::Worker>>,
+}
+
+impl Vfs {
+    /// Opens the volume: metadata engine, settings, object storage (checked), session.
+    pub fn open(config: VfsConfig, rt: tokio::runtime::Handle) -> Result<Arc<Vfs>, OpenError> {
+        let meta = meta::open(&config.meta_url).map_err(OpenError::Meta)?;
+        let format = meta.load_format().map_err(OpenError::Format)?;
+        // The data store keeps each volume's blocks under `<cache_dir>/<uuid>`.
+        let cache_dir = config.cache_dir.clone().unwrap_or_else(|| config.home.join("cache"));
+        let data_config = DataConfig { cache_dir: Some(cache_dir), cache_bytes: config.cache_bytes, ..DataConfig::default() };
+        let data = DataStore::open(&format.storage, &format, data_config, meta.clone(), rt).map_err(OpenError::Data)?;
+        let info = SessionInfo {
+            host: hostname(),
+            mountpoint: config.mountpoint.clone(),
+            pid: std::process::id(),
+            version: config.version.clone(),
+            heartbeat: Timestamp::now(),
+        };
+        let sid = meta.new_session(&info).map_err(OpenError::Session)?;
+        tracing::info!(volume = %format.name, session = %sid, meta = meta.backend_name(), "volume opened");
+        let vfs = Arc::new(Vfs {
+            meta,
+            data,
+            format,
+            sid,
+            config,
+            handles: HandleTable::default(),
+            lookups: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(HashSet::new()),
+            lockers: Mutex::new(HashSet::new()),
+            background: Mutex::new(None),
+        });
+        let worker = background::Worker::start(&vfs).map_err(OpenError::Background)?;
+        *vfs.background.lock() = Some(worker);
+        Ok(vfs)
+    }
+
+    /// Flushes every written byte and closes the session (releasing its locks and freeing
+    /// its open-but-unlinked files). Called once, after the kernel connection ended.
+    pub fn shutdown(&self) -> Result<(), ShutdownError> {
+        if let Some(w) = self.background.lock().take() {
+            w.stop();
+        }
+        self.data.flush_all().map_err(ShutdownError::Flush)?;
+        self.meta.close_session(self.sid).map_err(ShutdownError::Session)?;
+        tracing::info!(session = %self.sid, "session closed");
+        Ok(())
+    }
+
+    pub fn config(&self) -> &VfsConfig {
+        &self.config
+    }
+
+    pub fn format(&self) -> &Format {
+        &self.format
+    }
+
+    pub fn session(&self) -> SessionId {
+        self.sid
+    }
+
+    pub fn meta(&self) -> &Arc<dyn MetaEngine> {
+        &self.meta
+    }
+
+    pub fn data(&self) -> &Arc<DataStore> {
+        &self.data
+    }
+
+    /// Attributes as the kernel must see them: the size includes written, unflushed data.
+    fn with_pending(&self, ino: Ino, mut attr: Attr) -> Attr {
+        if attr.kind == FileKind::File {
+            if let Some(end) = self.data.pending_end(ino) {
+                attr.size = attr.size.max(end);
+            }
+        }
+        attr
+    }
+
+    fn remember(&self, ino: Ino) {
+        *self.lookups.lock().entry(ino).or_insert(0) += 1;
+    }
+
+    fn removed(&self, r: meta::Removed) {
+        if r.kept {
+            self.orphans.lock().insert(r.ino);
+        } else {
+            self.data.discard(r.ino);
+        }
+        self.data.invalidate(r.ino);
+    }
+
+    fn handle(&self, ino: Ino, fh: u64) -> Result<Arc<Handle>> {
+        self.handles.get(ino, fh).ok_or(FsError::Posix(libc::EBADF))
+    }
+
+    // --- namespace ---
+
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<(Ino, Attr)> {
+        let (ino, attr) = self.meta.lookup(parent, name)?;
+        self.remember(ino);
+        Ok((ino, self.with_pending(ino, attr)))
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: Ino, n: u64) {
+        let mut l = self.lookups.lock();
+        if let Some(c) = l.get_mut(&ino) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                l.remove(&ino);
+            }
+        }
+    }
+
+    /// Kernel lookup references per inode (handed to a successor).
+    pub fn lookup_counts(&self) -> Vec<(Ino, u64)> {
+        self.lookups.lock().iter().map(|(i, n)| (*i, *n)).collect()
+    }
+
+    pub fn getattr(&self, ino: Ino) -> Result<Attr> {
+        let attr = self.meta.getattr(ino)?;
+        Ok(self.with_pending(ino, attr))
+    }
+
+    pub fn setattr(&self, ino: Ino, set: &SetAttr) -> Result<Attr> {
+        if set.size.is_some() {
+            // Written data lands before the size changes, not after it.
+            self.data.flush(ino)?;
+        }
+        let attr = self.meta.setattr(ino, set, Timestamp::now())?;
+        if set.size.is_some() {
+            self.data.invalidate(ino);
+        }
+        Ok(self.with_pending(ino, attr))
+    }
+
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        Ok(self.meta.readlink(ino)?)
+    }
+
+    /// Creates a non-directory node (regular file, fifo, device, socket) from a full
+    /// `st_mode`.
+    pub fn mknod(&self, caller: Caller, parent: Ino, name: &[u8], mode: u32, umask: u32, rdev: u32) -> Result<(Ino, Attr)> {
+        let kind = FileKind::from_mode(mode).unwrap_or(FileKind::File);
+        if kind == FileKind::Dir || kind == FileKind::Symlink {
+            return Err(FsError::Posix(libc::EINVAL));
+        }
+        let perm = (mode & !umask & 0o7777) as u16;
+        let node = NewNode { kind, perm, rdev, target: Vec::new() };
+        self.create_node(caller, parent, name, &node)
+    }
+
+    pub fn mkdir(&self, caller: Caller, parent: Ino, name: &[u8], mode: u32, umask: u32) -> Result<(Ino, Attr)> {
+        let perm = (mode & !umask & 0o7777) as u16;
+        let node = NewNode { kind: FileKind::Dir, perm, rdev: 0, target: Vec::new() };
+        self.create_node(caller, parent, name, &node)
+    }
+
+    pub fn symlink(&self, caller: Caller, parent: Ino, name: &[u8], target: &[u8]) -> Result<(Ino, Attr)> {
+        let node = NewNode { kind: FileKind::Symlink, perm: 0o777, rdev: 0, target: target.to_vec() };
+        self.create_node(caller, parent, name, &node)
+    }
+
+    fn create_node(&self, caller: Caller, parent: Ino, name: &[u8], node: &NewNode) -> Result<(Ino, Attr)> {
+        let (ino, attr) = self.meta.mknod(parent, name, node, caller)?;
+        self.remember(ino);
+        Ok((ino, attr))
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        let r = self.meta.unlink(self.sid, parent, name, &|ino| self.handles.is_open(ino))?;
+        self.removed(r);
+        Ok(())
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.meta.rmdir(parent, name)?;
+        Ok(())
+    }
+
+    /// rename(2) with renameat2 flags (RENAME_NOREPLACE, RENAME_EXCHANGE).
+    pub fn rename(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], flags: u32) -> Result<()> {
+        let known = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
+        if flags & !known != 0 {
+            // RENAME_WHITEOUT is for overlay filesystems.
+            return Err(FsError::Posix(libc::EINVAL));
+        }
+        let flags = RenameFlags {
+            noreplace: flags & libc::RENAME_NOREPLACE != 0,
+            exchange: flags & libc::RENAME_EXCHANGE != 0,
+        };
+        let replaced = self
+            .meta
+            .rename(self.sid, parent, name, new_parent, new_name, flags, &|ino| self.handles.is_open(ino))?;
+        if let Some(r) = replaced {
+            self.removed(r);
+        }
+        Ok(())
+    }
+
+    pub fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<(Ino, Attr)> {
+        let attr = self.meta.link(ino, new_parent, new_name)?;
+        self.remember(ino);
+        Ok((ino, self.with_pending(ino, attr)))
+    }
+
+    // --- files ---
+
+    /// Opens a file; returns the handle number.
+    pub fn open_file(&self, ino: Ino, flags: i32) -> Result<u64> {
+        let attr = self.meta.getattr(ino)?;
+        match attr.kind {
+            FileKind::Dir => return Err(FsError::Posix(libc::EISDIR)),
+            FileKind::Symlink => return Err(FsError::Posix(libc::ELOOP)),
+            _ => {}
+        }
+        // Close-to-open: what another client wrote before our open is read fresh.
+        self.data.invalidate(ino);
+        Ok(self.handles.open(ino, HandleFlags::from_open_flags(flags)).fh.0)
+    }
+
+    /// Creates and opens a regular file. Without O_EXCL an existing file (created by
+    /// another client since the kernel's lookup) is opened instead.
+    pub fn create(&self, caller: Caller, parent: Ino, name: &[u8], mode: u32, umask: u32, flags: i32) -> Result<(Ino, Attr, u64)> {
+        let perm = (mode & !umask & 0o7777) as u16;
+        let node = NewNode { kind: FileKind::File, perm, rdev: 0, target: Vec::new() };
+        let (ino, attr) = match self.meta.mknod(parent, name, &node, caller) {
+            Ok(x) => x,
+            Err(MetaError::Exists) if flags & libc::O_EXCL == 0 => {
+                let (ino, attr) = self.meta.lookup(parent, name)?;
+                if attr.kind == FileKind::Dir {
+                    return Err(FsError::Posix(libc::EISDIR));
+                }
+                (ino, attr)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.remember(ino);
+        let fh = self.handles.open(ino, HandleFlags::from_open_flags(flags)).fh.0;
+        Ok((ino, self.with_pending(ino, attr), fh))
+    }
+
+    pub fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.handle(ino, fh)?;
+        if h.flags().dir {
+            return Err(FsError::Posix(libc::EISDIR));
+        }
+        if self.data.is_dirty(ino) {
+            self.data.flush(ino)?;
+        }
+        let attr = self.meta.getattr(ino)?;
+        let mut state = h.read_state.lock();
+        Ok(self.data.read(ino, offset, size, attr.size, &mut state)?)
+    }
+
+    pub fn write(&self, ino: Ino, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let h = self.handle(ino, fh)?;
+        if !h.flags().write {
+            return Err(FsError::Posix(libc::EBADF));
+        }
+        let end = offset.checked_add(data.len() as u64).ok_or(FsError::Posix(libc::EFBIG))?;
+        if end > meta::MAX_FILE_SIZE {
+            return Err(FsError::Posix(libc::EFBIG));
+        }
+        self.data.write(ino, offset, data)?;
+        Ok(data.len() as u32)
+    }
+
+    /// close(2) of one descriptor: written data is committed (close-to-open), and the
+    /// POSIX locks of `lock_owner` on the file are released.
+    pub fn flush(&self, ino: Ino, fh: u64, lock_owner: u64) -> Result<()> {
+        let h = self.handle(ino, fh)?;
+        let flushed = if h.flags().write { self.data.flush(ino) } else { Ok(()) };
+        self.release_locks(ino, lock_owner)?;
+        Ok(flushed?)
+    }
+
+    /// The last close of an open file description.
+    pub fn release(&self, ino: Ino, fh: u64, flock_owner: Option<u64>) -> Result<()> {
+        let flags = Fh(fh).flags();
+        let mut result = if flags.write { self.data.flush(ino).map_err(FsError::from) } else { Ok(()) };
+        if let Some(owner) = flock_owner {
+            if let Err(e) = self.release_locks(ino, owner) {
+                result = result.and(Err(e));
+            }
+        }
+        if self.handles.close(fh) && self.orphans.lock().remove(&ino) {
+            self.data.discard(ino);
+            if let Err(e) = self.meta.release_unlinked(self.sid, ino) {
+                result = result.and(Err(e.into()));
+            }
+        }
+        result
+    }
+
+    pub fn fsync(&self, ino: Ino, _fh: u64) -> Result<()> {
+        // Metadata commits are already durable; data needs its upload.
+        Ok(self.data.flush(ino)?)
+    }
+
+    pub fn fallocate(&self, ino: Ino, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        let h = self.handle(ino, fh)?;
+        if !h.flags().write {
+            return Err(FsError::Posix(libc::EBADF));
+        }
+        const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
+        let how = match mode {
+            0 => Fallocate::Allocate { keep_size: false },
+            KEEP => Fallocate::Allocate { keep_size: true },
+            m if m == libc::FALLOC_FL_PUNCH_HOLE | KEEP => Fallocate::PunchHole,
+            m if m == libc::FALLOC_FL_ZERO_RANGE => Fallocate::ZeroRange { keep_size: false },
+            m if m == libc::FALLOC_FL_ZERO_RANGE | KEEP => Fallocate::ZeroRange { keep_size: true },
+            // COLLAPSE_RANGE, INSERT_RANGE, UNSHARE_RANGE, PUNCH_HOLE without KEEP_SIZE.
+            _ => return Err(FsError::Posix(libc::EOPNOTSUPP)),
+        };
+        self.data.flush(ino)?;
+        self.meta.fallocate(ino, how, offset, length, Timestamp::now())?;
+        self.data.invalidate(ino);
+        Ok(())
+    }
+
+    /// SEEK_DATA and SEEK_HOLE (the kernel does the other whences itself). The whole
+    /// file is reported as data, which POSIX allows.
+    pub fn lseek(&self, ino: Ino, _fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let size = self.getattr(ino)?.size;
+        let off = u64::try_from(offset).map_err(|_| FsError::Posix(libc::EINVAL))?;
+        match whence {
+            libc::SEEK_DATA if off < size => Ok(offset),
+            libc::SEEK_HOLE if off < size => Ok(size as i64),
+            libc::SEEK_DATA | libc::SEEK_HOLE => Err(FsError::Posix(libc::ENXIO)),
+            _ => Err(FsError::Posix(libc::EINVAL)),
+        }
+    }
+
+    // --- directories ---
+
+    pub fn opendir(&self, ino: Ino) -> Result<u64> {
+        let attr = self.meta.getattr(ino)?;
+        if attr.kind != FileKind::Dir {
+            return Err(FsError::Posix(libc::ENOTDIR));
+        }
+        Ok(self.handles.open(ino, HandleFlags::directory()).fh.0)
+    }
+
+    /// Entries after `offset` (a cookie from an earlier entry, or 0), "." and ".."
+    /// first. With `plus`, entries carry attributes and count as lookups (the kernel
+    /// takes a reference on each, except "." and "..").
+    pub fn readdir(&self, ino: Ino, fh: u64, offset: u64, limit: usize, plus: bool) -> Result<Vec<DirEntry>> {
+        let h = self.handle(ino, fh)?;
+        if !h.flags().dir {
+            return Err(FsError::Posix(libc::ENOTDIR));
+        }
+        let mut out = Vec::new();
+        if offset < 2 {
+            let dir = self.meta.getattr(ino)?;
+            if offset == 0 {
+                out.push(DirEntry { name: b".".to_vec(), ino, kind: FileKind::Dir, cookie: 1, attr: plus.then(|| dir.clone()) });
+            }
+            let parent = if dir.parent.0 == 0 { ino } else { dir.parent };
+            let pattr = if plus { Some(self.meta.getattr(parent)?) } else { None };
+            out.push(DirEntry { name: b"..".to_vec(), ino: parent, kind: FileKind::Dir, cookie: 2, attr: pattr });
+        }
+        let want = limit.saturating_sub(out.len()).max(1);
+        let mut entries = self.meta.readdir(ino, offset, want, plus)?;
+        if plus {
+            for e in &mut entries {
+                if let Some(a) = e.attr.take() {
+                    e.attr = Some(self.with_pending(e.ino, a));
+                }
+            }
+        }
+        out.extend(entries);
+        Ok(out)
+    }
+
+    /// The adapter reports which readdirplus entries reached the kernel.
+    pub fn readdirplus_sent(&self, ino: Ino) {
+        self.remember(ino);
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.handles.close(fh);
+    }
+
+    // --- volume ---
+
+    pub fn statfs(&self) -> Result<StatFs> {
+        let usage = self.meta.usage()?;
+        let bsize = 4096u64;
+        let cap = if self.format.capacity > 0 { self.format.capacity } else { UNLIMITED_BYTES };
+        let inodes = if self.format.inodes > 0 { self.format.inodes } else { UNLIMITED_INODES };
+        Ok(StatFs {
+            blocks: cap / bsize,
+            bfree: cap.saturating_sub(usage.used_bytes) / bsize,
+            files: inodes,
+            ffree: inodes.saturating_sub(usage.used_inodes),
+            bsize: bsize as u32,
+            namelen: meta::NAME_MAX as u32,
+        })
+    }
+
+    // --- extended attributes ---
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        Ok(self.meta.getxattr(ino, name)?)
+    }
+
+    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        if name.starts_with(b"system.posix_acl_") {
+            // ACLs would be stored but not enforced; refuse rather than pretend.
+            return Err(FsError::Posix(libc::EOPNOTSUPP));
+        }
+        let mode = match flags {
+            0 => XattrMode::Any,
+            libc::XATTR_CREATE => XattrMode::Create,
+            libc::XATTR_REPLACE => XattrMode::Replace,
+            _ => return Err(FsError::Posix(libc::EINVAL)),
+        };
+        Ok(self.meta.setxattr(ino, name, value, mode)?)
+    }
+
+    /// Attribute names, each followed by a NUL byte.
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for n in self.meta.listxattr(ino)? {
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        Ok(self.meta.removexattr(ino, name)?)
+    }
+
+    pub fn access(&self, caller: Caller, ino: Ino, mask: u32) -> Result<()> {
+        let attr = self.meta.getattr(ino)?;
+        let groups = perm::process_groups(caller.pid);
+        if perm::may_access(&attr, caller, &groups, mask) {
+            Ok(())
+        } else {
+            Err(FsError::Posix(libc::EACCES))
+        }
+    }
+
+    // --- locks ---
+
+    fn lock_request(&self, owner: u64, typ: i32, start: u64, end: u64, pid: u32) -> Result<LockRequest> {
+        let typ = match typ {
+            libc::F_RDLCK => Some(LockType::Read),
+            libc::F_WRLCK => Some(LockType::Write),
+            libc::F_UNLCK => None,
+            _ => return Err(FsError::Posix(libc::EINVAL)),
+        };
+        Ok(LockRequest { owner: LockOwner { sid: self.sid, owner }, typ, start, end, pid })
+    }
+
+    /// F_GETLK: the conflicting lock, or `None` (the caller reports F_UNLCK).
+    pub fn getlk(&self, ino: Ino, owner: u64, typ: i32, start: u64, end: u64, pid: u32) -> Result<Option<RangeLock>> {
+        let req = self.lock_request(owner, typ, start, end, pid)?;
+        Ok(self.meta.getlk(ino, &req)?)
+    }
+
+    /// F_SETLK / F_SETLKW (and flock, which the kernel sends as a whole-file lock owned
+    /// by the open file). With `wait`, retries until the lock is free.
+    pub fn setlk(&self, ino: Ino, owner: u64, typ: i32, start: u64, end: u64, pid: u32, wait: bool) -> Result<()> {
+        let req = self.lock_request(owner, typ, start, end, pid)?;
+        let mut delay = Duration::from_millis(5);
+        loop {
+            match self.meta.setlk(ino, &req) {
+                Ok(()) => {
+                    if req.typ.is_some() {
+                        self.lockers.lock().insert((ino, owner));
+                    }
+                    return Ok(());
+                }
+                Err(MetaError::WouldBlock) if wait => {
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn release_locks(&self, ino: Ino, owner: u64) -> Result<()> {
+        if self.lockers.lock().remove(&(ino, owner)) {
+            self.meta.release_locks(ino, LockOwner { sid: self.sid, owner })?;
+        }
+        Ok(())
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown".into())
+}
