@@ -9,6 +9,8 @@
 //! connection), keep state that a successor process cannot rebuild from the metadata
 //! engine and the handed-over state, or answer a request it did not execute.
 
+pub mod client;
 pub mod data;
+pub mod fuse;
 pub mod meta;
 pub mod vfs;

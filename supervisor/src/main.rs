@@ -1,1 +1,135 @@
-fn main() {}
+//! `baton`: parse the command line, set up logging, call the library, map the outcome to
+//! an exit status.
+
+mod cli;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::Parser;
+use supervisor::background::{self, Readiness};
+use supervisor::format::{self, FormatOptions};
+use supervisor::home::Home;
+use supervisor::supervise::{self, LogFormat, MountOptions};
+use supervisor::{status, umount};
+
+use cli::{Cli, Command};
+
+fn init_tracing(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let readiness = Readiness::from_env();
+    if readiness.is_some() {
+        // A background supervisor: leave the caller's session and terminal.
+        let _ = background::new_session();
+    }
+    let default_level = if matches!(cli.command, Command::Mount(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    init_tracing(cli.log_format.into(), default_level);
+    let home = Home::from_env();
+    match run(cli, &home, readiness) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("baton: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli, home: &Home, readiness: Option<Readiness>) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Format(a) => {
+            let opts = FormatOptions {
+                name: a.name,
+                meta: a.meta,
+                storage: a.storage,
+                block_size: a.block_size,
+                capacity: a.capacity,
+                inodes: a.inodes,
+                force: a.force,
+            };
+            let f = format::format(home, &opts)?;
+            println!(
+                "formatted volume {} (uuid {}, storage {}, block size {})",
+                f.name, f.uuid, f.storage, f.block_size
+            );
+            Ok(())
+        }
+        Command::Mount(a) if a.background => {
+            let args: Vec<OsString> = std::env::args_os()
+                .skip(1)
+                .filter(|a| a.as_os_str() != "--background")
+                .collect();
+            let log = background::detach(home, &a.mountpoint, &args)?;
+            println!(
+                "mounted {} (supervisor log: {})",
+                a.mountpoint.display(),
+                log.display()
+            );
+            Ok(())
+        }
+        Command::Mount(a) => {
+            let opts = MountOptions {
+                mountpoint: a.mountpoint,
+                meta: a.meta,
+                client: a.client,
+                threads: a.threads,
+                attr_cache: a.attr_cache,
+                entry_cache: a.entry_cache,
+                cache_dir: a.cache_dir,
+                cache_bytes: a.cache_size.saturating_mul(1 << 20),
+                log_format: cli.log_format.into(),
+            };
+            let mut readiness = readiness;
+            let result = supervise::run(home, &opts, |_| {
+                if let Some(r) = readiness.take() {
+                    r.ready();
+                }
+            });
+            if let (Err(e), Some(r)) = (&result, readiness.take()) {
+                r.failed(&fsclient::client::error_chain(e));
+            }
+            Ok(result?)
+        }
+        Command::Umount(a) => {
+            match umount::umount(home, &a.mountpoint, a.lazy)? {
+                umount::Umounted::BySupervisor => {}
+                umount::Umounted::Directly => {
+                    eprintln!(
+                        "baton: no supervisor answered for {}; unmounted it directly",
+                        a.mountpoint.display()
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Status(a) => {
+            match a.mountpoint {
+                Some(mp) => print!("{}", status::render(&status::status(home, &mp)?)),
+                None => {
+                    for s in status::status_all(home)? {
+                        match s {
+                            Ok(s) => print!("{}", status::render(&s)),
+                            Err(e) => eprintln!("baton: {:#}", anyhow::Error::from(e)),
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -2,5 +2,6 @@
 //! for one test run and stopped (killed and reaped) when dropped, even when a test fails.
 //! Never assumes a service is already running.
 
+pub mod mount;
 pub mod redis;
 pub mod s3;

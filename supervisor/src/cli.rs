@@ -1,0 +1,127 @@
+//! The command line of `baton` (binary only: the library never sees clap).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use supervisor::format::parse_size;
+use supervisor::supervise::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "baton",
+    version,
+    about = "Baton: a FUSE filesystem whose client can be upgraded or restarted under a live mount"
+)]
+pub struct Cli {
+    /// Log output format (logs go to stderr).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Text)]
+    pub log_format: LogFormatArg,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(f: LogFormatArg) -> LogFormat {
+        match f {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a volume (write its settings into its metadata engine).
+    Format(FormatArgs),
+    /// Mount a volume and serve it until unmounted.
+    Mount(MountArgs),
+    /// Unmount a volume mounted with `baton mount`.
+    Umount(UmountArgs),
+    /// Show the state of Baton mounts.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FormatArgs {
+    /// Volume name.
+    pub name: String,
+    /// Metadata URL (redb:///path/meta.redb, redis://host:port/db) [default:
+    /// redb://$BATON_HOME/NAME/meta.redb].
+    #[arg(long)]
+    pub meta: Option<String>,
+    /// Object storage URL (fs:///path, s3://bucket?...) [default: fs://$BATON_HOME/NAME/data].
+    #[arg(long)]
+    pub storage: Option<String>,
+    /// Block size (e.g. 4M, 1M, 64K).
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    pub block_size: u64,
+    /// Capacity reported by df (e.g. 100G); 0 = unlimited.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub capacity: u64,
+    /// Maximum number of inodes; 0 = unlimited.
+    #[arg(long, default_value_t = 0)]
+    pub inodes: u64,
+    /// Update the settings of an existing volume (its data is kept).
+    #[arg(long)]
+    pub force: bool,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("invalid number of seconds {s:?}"))?;
+    Duration::try_from_secs_f64(v).map_err(|_| format!("invalid number of seconds {s:?}"))
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Where to mount (an existing, empty directory).
+    pub mountpoint: PathBuf,
+    /// Metadata URL of the volume [default: the embedded volume `default` under
+    /// $BATON_HOME, formatted on first use].
+    #[arg(long)]
+    pub meta: Option<String>,
+    /// Return once the mount serves; the supervisor keeps running detached, logging to
+    /// $BATON_HOME/log/.
+    #[arg(long)]
+    pub background: bool,
+    /// Client binary [default: baton-fs next to baton].
+    #[arg(long)]
+    pub client: Option<PathBuf>,
+    /// FUSE reader threads.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub threads: u32,
+    /// Kernel attribute cache lifetime, in seconds.
+    #[arg(long, default_value = "1", value_parser = parse_secs)]
+    pub attr_cache: Duration,
+    /// Kernel entry (name) cache lifetime, in seconds.
+    #[arg(long, default_value = "1", value_parser = parse_secs)]
+    pub entry_cache: Duration,
+    /// Block cache directory [default: $BATON_HOME/cache/VOLUME-UUID].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Block cache size bound, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub cache_size: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    pub mountpoint: PathBuf,
+    /// Detach the mount even if it is busy (MNT_DETACH).
+    #[arg(long)]
+    pub lazy: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The mount to report on [default: every Baton mount].
+    pub mountpoint: Option<PathBuf>,
+}

@@ -1,0 +1,144 @@
+//! Starting a filesystem client (`baton-fs`) and keeping hold of it.
+//!
+//! The client inherits exactly one descriptor besides stdio: its end of a
+//! `SOCK_SEQPACKET` socketpair, named by `BATON_HANDOVER_FD`. Everything else this process
+//! has open is close-on-exec. The client runs in its own process group, so that a Ctrl-C
+//! on the supervisor's terminal reaches the supervisor only; the supervisor then stops
+//! the client in order.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use handover_proto::message::CHANNEL_FD_ENV;
+use nix::errno::Errno;
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+
+/// The client binary's name, looked up next to the supervisor's own executable.
+pub const CLIENT_BINARY: &str = "baton-fs";
+
+/// The client could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot find the client binary next to {0} (use --client PATH)")]
+    NoDefaultClient(PathBuf, #[source] std::io::Error),
+    #[error("client binary {0} does not exist")]
+    ClientMissing(PathBuf),
+    #[error("cannot create the handover socketpair")]
+    Socketpair(#[source] Errno),
+    #[error("cannot start {binary}")]
+    Exec {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `baton-fs` next to the running executable.
+pub fn default_client() -> Result<PathBuf, SpawnError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| SpawnError::NoDefaultClient(PathBuf::from("the baton executable"), e))?;
+    Ok(exe.with_file_name(CLIENT_BINARY))
+}
+
+/// Makes `fd` survive exec in the child only: the parent's copy stays close-on-exec, so
+/// concurrent spawns elsewhere in this process never leak it.
+pub fn inherit_fd(cmd: &mut Command, fd: RawFd) {
+    // SAFETY: the closure runs in the forked child before exec and only calls fcntl(2),
+    // which is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A running client and the supervisor's end of its handover socket. Dropping it kills
+/// and reaps the client unless it was already reaped.
+#[derive(Debug)]
+pub struct ClientProcess {
+    child: Child,
+    channel: OwnedFd,
+    exited: Option<ExitStatus>,
+}
+
+impl ClientProcess {
+    /// Starts `binary` with `args`.
+    pub fn spawn(binary: &Path, args: &[String]) -> Result<ClientProcess, SpawnError> {
+        if !binary.exists() {
+            return Err(SpawnError::ClientMissing(binary.to_path_buf()));
+        }
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(SpawnError::Socketpair)?;
+        let mut cmd = Command::new(binary);
+        cmd.args(args)
+            .env(CHANNEL_FD_ENV, theirs.as_raw_fd().to_string())
+            .stdin(Stdio::null())
+            .process_group(0);
+        inherit_fd(&mut cmd, theirs.as_raw_fd());
+        let child = cmd.spawn().map_err(|source| SpawnError::Exec {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
+        drop(theirs);
+        tracing::info!(pid = child.id(), binary = %binary.display(), "client started");
+        Ok(ClientProcess {
+            child,
+            channel: ours,
+            exited: None,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn channel(&self) -> &OwnedFd {
+        &self.channel
+    }
+
+    /// Waits up to `timeout` for the client to exit; kills it after that. Returns its exit
+    /// status.
+    pub fn reap(&mut self, timeout: Duration) -> std::io::Result<ExitStatus> {
+        if let Some(s) = self.exited {
+            return Ok(s);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                self.exited = Some(s);
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    pid = self.child.id(),
+                    "client did not exit in time; killing it"
+                );
+                let _ = self.child.kill();
+                let s = self.child.wait()?;
+                self.exited = Some(s);
+                return Ok(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ClientProcess {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! `baton status [MOUNTPOINT]`: ask supervisors how their mounts are.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use handover_proto::control::{ControlRequest, ControlResponse, MountStatus};
+
+use crate::control::{self, RequestError};
+use crate::home::Home;
+use crate::mount;
+use crate::umount::resolve;
+
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A status query failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("cannot query the supervisor of {path}")]
+    Control {
+        path: PathBuf,
+        #[source]
+        source: RequestError,
+    },
+    #[error("the supervisor of {path} answered {answer}")]
+    Unexpected { path: PathBuf, answer: String },
+    #[error("cannot read /proc/self/mountinfo")]
+    Mountinfo(#[source] std::io::Error),
+}
+
+/// The status of the mount at `mountpoint`.
+pub fn status(home: &Home, mountpoint: &Path) -> Result<MountStatus, StatusError> {
+    let mp = resolve(mountpoint);
+    match control::request(home, &mp, &ControlRequest::Status, STATUS_TIMEOUT) {
+        Ok(ControlResponse::Status(s)) => Ok(s),
+        Ok(other) => Err(StatusError::Unexpected {
+            path: mp,
+            answer: format!("{other:?}"),
+        }),
+        Err(source) => Err(StatusError::Control { path: mp, source }),
+    }
+}
+
+/// The status of every Baton mount of this host (those whose supervisor does not answer
+/// are reported as errors).
+pub fn status_all(home: &Home) -> Result<Vec<Result<MountStatus, StatusError>>, StatusError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(StatusError::Mountinfo)?;
+    Ok(mount::parse_mountinfo(&text)
+        .into_iter()
+        .filter(|e| e.fstype == mount::FSTYPE)
+        .map(|e| status(home, &e.mountpoint))
+        .collect())
+}
+
+/// One human-readable block per mount.
+pub fn render(s: &MountStatus) -> String {
+    let up = Duration::from_millis(s.uptime_ms).as_secs();
+    format!(
+        "{mp}\n  volume:     {vol} ({meta})\n  supervisor: pid {sp}, up {h}h{m:02}m{sec:02}s\n  client:     generation {g}, pid {cp}, version {v}\n  fuse:       ABI 7.{minor}, max_write {mw}\n",
+        mp = s.mountpoint.display(),
+        vol = s.volume,
+        meta = s.meta_url,
+        sp = s.supervisor_pid,
+        h = up / 3600,
+        m = up / 60 % 60,
+        sec = up % 60,
+        g = s.generation,
+        cp = s.client_pid,
+        v = s.client_version,
+        minor = s.fuse_minor,
+        mw = s.max_write,
+    )
+}

@@ -1,0 +1,738 @@
+//! `baton mount` in the foreground: check, start the client, mount, relay INIT, supervise,
+//! unmount.
+//!
+//! ```text
+//! pre-checks (root, mountpoint, volume)       nothing mounted, nothing started
+//! control socket, signals blocked -> signalfd
+//! spawn baton-fs, Start ---------> Prepared   client failure: reported, nothing mounted
+//! open /dev/fuse, mount(2), read INIT
+//! Init + fd ---------------------> InitReply  failure: INIT answered with EIO, unmounted
+//! check reply, write it to /dev/fuse, Serve   the mount serves; readiness is signalled
+//! loop: SIGTERM/SIGINT/SIGHUP   -> lazy umount, Shutdown, reap, exit 0
+//!       `baton umount` (control) -> umount (busy: answer Busy, keep serving), Shutdown...
+//!       client's SessionEnded   -> (unmounted from outside) Shutdown, reap, exit 0
+//!       client exits             -> lazy umount, exit non-zero (restarts: a later issue)
+//! ```
+//!
+//! The supervisor keeps its /dev/fuse descriptor until it exits: the connection lives as
+//! long as it does, whatever happens to the client.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use fsclient::meta::{self, MetaError};
+use handover_proto::channel::{self, RecvError, SendError};
+use handover_proto::control::{ControlRequest, ControlResponse, MountStatus};
+use handover_proto::fuse_init::{InitError, InitReply};
+use handover_proto::message::{Generation, MountSpec, ToClient, ToSupervisor};
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use crate::control::{BindError, ControlConn, ControlServer};
+use crate::format::{self, FormatError, FormatOptions};
+use crate::home::{DEFAULT_VOLUME, Home};
+use crate::mount::{self, MountError, ReadInitError, UmountError};
+use crate::spawn::{self, ClientProcess, SpawnError};
+
+/// How long the client may take to open the volume (object storage may be remote).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the kernel may take to send INIT after mount(2).
+const KERNEL_INIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the client may take to answer INIT through the relay.
+const INIT_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the client may take to flush and close after `Shutdown`.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a client may take to close its volume when a mount is abandoned during
+/// start-up.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client that answered may take to exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Log output format, for the supervisor and the clients it starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// What `baton mount` was asked to do.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    pub mountpoint: PathBuf,
+    /// Metadata URL; `None`: the embedded `default` volume, formatted on first use.
+    pub meta: Option<String>,
+    /// Client binary; `None`: `baton-fs` next to this executable.
+    pub client: Option<PathBuf>,
+    pub threads: u32,
+    pub attr_cache: Duration,
+    pub entry_cache: Duration,
+    pub cache_dir: Option<PathBuf>,
+    pub cache_bytes: u64,
+    pub log_format: LogFormat,
+}
+
+/// `baton mount` failed. Variants before `Mount` leave nothing mounted.
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    #[error("baton mount must run as root")]
+    NotRoot,
+    #[error("mountpoint {path} does not exist")]
+    MountpointMissing {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mountpoint {0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("mountpoint {path} is busy: {what} is already mounted there")]
+    AlreadyMounted { path: PathBuf, what: String },
+    #[error("cannot read /proc/self/mountinfo")]
+    Mountinfo(#[source] std::io::Error),
+    #[error("invalid metadata URL")]
+    BadMetaUrl(#[source] MetaError),
+    #[error("cannot reach the metadata engine at {url}")]
+    MetaUnreachable {
+        url: String,
+        #[source]
+        source: MetaError,
+    },
+    #[error("the volume at {url} is not formatted: run `baton format NAME --meta {url}` first")]
+    NotFormatted { url: String },
+    #[error("cannot format the default volume")]
+    FormatDefault(#[source] FormatError),
+    #[error("cannot set up the control socket")]
+    Control(#[source] BindError),
+    #[error("cannot set up signal handling")]
+    Signals(#[source] Errno),
+    #[error("cannot start the filesystem client")]
+    Spawn(#[source] SpawnError),
+    #[error("cannot send {what} to the client")]
+    Send {
+        what: &'static str,
+        #[source]
+        source: SendError,
+    },
+    #[error("cannot receive from the client while waiting for {what}")]
+    Recv {
+        what: &'static str,
+        #[source]
+        source: RecvError,
+    },
+    #[error("the client cannot serve the volume: {reason}")]
+    ClientFailed { reason: String },
+    #[error("the client exited ({status}) while the supervisor waited for {what}")]
+    ClientExited { what: &'static str, status: String },
+    #[error("the client did not send {what} within {timeout:?}")]
+    ClientTimeout {
+        what: &'static str,
+        timeout: Duration,
+    },
+    #[error("the client sent {got} while the supervisor waited for {what}")]
+    Protocol { what: &'static str, got: String },
+    #[error("stopped by {0} before the mount was ready")]
+    Interrupted(Signal),
+    #[error("cannot mount")]
+    Mount(#[source] MountError),
+    #[error("cannot read the kernel's INIT request")]
+    ReadInit(#[source] ReadInitError),
+    #[error("the client's INIT reply is unusable")]
+    BadInitReply(#[source] InitError),
+    #[error("the kernel refused the INIT reply")]
+    WriteInitReply(#[source] Errno),
+    #[error("the client exited unexpectedly ({status}); the mount was detached")]
+    ClientDied { status: String },
+    #[error("cannot unmount")]
+    Unmount(#[source] UmountError),
+    #[error("unmounted, but the client could not flush or close cleanly: {0}")]
+    Flush(String),
+    #[error("waiting for events failed")]
+    Poll(#[source] Errno),
+}
+
+/// What the pre-checks found.
+#[derive(Clone, Debug)]
+struct Target {
+    mountpoint: PathBuf,
+    meta_url: String,
+    volume: String,
+}
+
+/// Root, the mountpoint, and the volume: every check that needs no mount.
+fn precheck(home: &Home, opts: &MountOptions) -> Result<Target, SuperviseError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(SuperviseError::NotRoot);
+    }
+    let path = &opts.mountpoint;
+    let mountpoint = match std::fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(SuperviseError::AlreadyMounted {
+                path: path.clone(),
+                what: "a FUSE filesystem whose server is gone".into(),
+            });
+        }
+        Err(source) => {
+            return Err(SuperviseError::MountpointMissing {
+                path: path.clone(),
+                source,
+            });
+        }
+    };
+    if !mountpoint.is_dir() {
+        return Err(SuperviseError::NotADirectory(mountpoint));
+    }
+    if let Some(e) = mount::mount_at(&mountpoint).map_err(SuperviseError::Mountinfo)? {
+        return Err(SuperviseError::AlreadyMounted {
+            path: mountpoint,
+            what: format!("{} ({})", e.source, e.fstype),
+        });
+    }
+
+    let (meta_url, default) = match &opts.meta {
+        Some(url) => (url.clone(), false),
+        None => (home.default_meta_url(DEFAULT_VOLUME), true),
+    };
+    // An embedded database that does not exist is an unformatted volume; do not let the
+    // check create an empty one.
+    if !default {
+        if let Ok(u) = url::Url::parse(&meta_url) {
+            if u.scheme() == "redb" && !Path::new(u.path()).exists() {
+                return Err(SuperviseError::NotFormatted { url: meta_url });
+            }
+        }
+    }
+    let volume = {
+        let engine = meta::open(&meta_url).map_err(|source| match source {
+            MetaError::BadUrl { .. } => SuperviseError::BadMetaUrl(source),
+            source => SuperviseError::MetaUnreachable {
+                url: meta_url.clone(),
+                source,
+            },
+        })?;
+        match engine.load_format() {
+            Ok(f) => f.name,
+            Err(MetaError::NotFormatted) if default => {
+                drop(engine);
+                let opts = FormatOptions {
+                    name: DEFAULT_VOLUME.into(),
+                    meta: Some(meta_url.clone()),
+                    storage: None,
+                    block_size: u64::from(meta::Format::DEFAULT_BLOCK_SIZE),
+                    capacity: 0,
+                    inodes: 0,
+                    force: false,
+                };
+                tracing::info!(home = %home.path().display(), "formatting the default volume on first use");
+                format::format(home, &opts)
+                    .map_err(SuperviseError::FormatDefault)?
+                    .name
+            }
+            Err(MetaError::NotFormatted) => {
+                return Err(SuperviseError::NotFormatted { url: meta_url });
+            }
+            Err(source) => {
+                return Err(SuperviseError::MetaUnreachable {
+                    url: meta_url.clone(),
+                    source,
+                });
+            }
+        }
+        // The engine is closed here: an embedded database is opened by one process at a
+        // time, and the client opens it next.
+    };
+    Ok(Target {
+        mountpoint,
+        meta_url,
+        volume,
+    })
+}
+
+/// A running mount and everything the supervisor holds for it.
+struct Supervisor {
+    target: Target,
+    control: ControlServer,
+    signals: SignalFd,
+    client: ClientProcess,
+    client_version: String,
+    generation: Generation,
+    /// The supervisor's own descriptor of the FUSE connection.
+    fuse: Option<OwnedFd>,
+    /// What the kernel and the first client agreed on, which a successor must reproduce.
+    negotiated: Option<Negotiated>,
+    started: Instant,
+}
+
+/// The INIT exchange of the connection, kept for the whole life of the mount.
+#[derive(Clone, Debug)]
+struct Negotiated {
+    /// The kernel's FUSE_INIT request (a successor's relay replays it).
+    #[allow(dead_code)] // Read by the live-upgrade work (takeover replays it).
+    request: Vec<u8>,
+    /// The reply that reached the kernel (a successor's must be identical).
+    #[allow(dead_code)] // Read by the live-upgrade work (takeover compares it).
+    reply: Vec<u8>,
+    params: InitReply,
+}
+
+/// What woke the event loop.
+enum Wake {
+    Signal(Signal),
+    Control,
+    Client,
+}
+
+fn describe(status: std::io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(s) => s.to_string(),
+        Err(e) => format!("unknown status: {e}"),
+    }
+}
+
+fn short(msg: &ToSupervisor) -> String {
+    format!("{msg:?}").chars().take(80).collect()
+}
+
+fn block_signals() -> Result<SignalFd, SuperviseError> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGINT);
+    mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGHUP);
+    mask.thread_block().map_err(SuperviseError::Signals)?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(SuperviseError::Signals)
+}
+
+fn read_signal(signals: &SignalFd) -> Option<Signal> {
+    match signals.read_signal() {
+        Ok(Some(info)) => Signal::try_from(info.ssi_signo as i32).ok(),
+        _ => None,
+    }
+}
+
+impl Supervisor {
+    /// Waits for the client's next message, a signal, or the timeout.
+    fn wait_client(
+        &mut self,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Result<(ToSupervisor, Vec<OwnedFd>), SuperviseError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut fds = [
+                PollFd::new(self.client.channel().as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+            ];
+            match nix::poll::poll(
+                &mut fds,
+                PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
+            ) {
+                Ok(0) => return Err(SuperviseError::ClientTimeout { what, timeout }),
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(SuperviseError::Poll(e)),
+            }
+            if fds[1].any().unwrap_or(false) {
+                if let Some(sig) = read_signal(&self.signals) {
+                    return Err(SuperviseError::Interrupted(sig));
+                }
+            }
+            if fds[0].any().unwrap_or(false) {
+                return match channel::recv::<ToSupervisor>(self.client.channel().as_fd(), None) {
+                    Ok(m) => Ok(m),
+                    Err(e) if e.is_closed() => {
+                        let status = describe(self.client.reap(EXIT_TIMEOUT));
+                        Err(SuperviseError::ClientExited { what, status })
+                    }
+                    Err(source) => Err(SuperviseError::Recv { what, source }),
+                };
+            }
+        }
+    }
+
+    fn send(
+        &self,
+        what: &'static str,
+        msg: &ToClient,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), SuperviseError> {
+        channel::send(self.client.channel().as_fd(), msg, fds)
+            .map_err(|source| SuperviseError::Send { what, source })
+    }
+
+    /// Tells the client to flush and exit (waiting up to `timeout`), and reaps it (killing
+    /// it if it does not exit). Returns what it could not flush.
+    fn stop_client(&mut self, timeout: Duration) -> Option<String> {
+        if let Err(e) = self.send("Shutdown", &ToClient::Shutdown, &[]) {
+            tracing::warn!(error = %fsclient::client::error_chain(&e), "cannot send Shutdown to the client");
+        }
+        let result = loop {
+            match self.wait_client("ShutdownDone", timeout) {
+                Ok((ToSupervisor::ShutdownDone { error }, _)) => break error,
+                Ok((ToSupervisor::SessionEnded { .. }, _)) => continue,
+                Ok((other, _)) => {
+                    tracing::warn!(message = %short(&other), "ignoring a message while the client shuts down");
+                }
+                Err(SuperviseError::Interrupted(sig)) => {
+                    tracing::warn!(signal = %sig, "already shutting down; waiting for the client");
+                }
+                Err(e) => break Some(fsclient::client::error_chain(&e)),
+            }
+        };
+        let status = describe(self.client.reap(EXIT_TIMEOUT));
+        tracing::info!(%status, "client exited");
+        result
+    }
+
+    /// Undoes a mount whose INIT was not answered by the client: answers the kernel with
+    /// an error so that nothing hangs, detaches the mount, stops the client.
+    fn abort_init(&mut self, fuse: &OwnedFd, unique: u64) {
+        if let Err(e) = mount::fail_init(fuse.as_fd(), unique, libc::EIO) {
+            tracing::warn!(error = %e, "cannot fail the kernel's INIT request");
+        }
+        self.abort_mounted();
+    }
+
+    fn abort_mounted(&mut self) {
+        if let Err(e) = mount::umount(&self.target.mountpoint, true) {
+            tracing::warn!(error = %fsclient::client::error_chain(&e), "cannot detach the failed mount");
+        }
+        self.fuse = None;
+        self.stop_client(ABORT_TIMEOUT);
+    }
+
+    fn status(&self) -> MountStatus {
+        MountStatus {
+            mountpoint: self.target.mountpoint.clone(),
+            volume: self.target.volume.clone(),
+            meta_url: self.target.meta_url.clone(),
+            supervisor_pid: std::process::id(),
+            generation: self.generation,
+            client_pid: self.client.pid(),
+            client_version: self.client_version.clone(),
+            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            fuse_minor: self.negotiated.as_ref().map_or(0, |n| n.params.minor),
+            max_write: self.negotiated.as_ref().map_or(0, |n| n.params.max_write),
+        }
+    }
+
+    /// Start, mount, INIT relay, Serve.
+    fn start(&mut self, spec: MountSpec) -> Result<(), SuperviseError> {
+        self.send(
+            "Start",
+            &ToClient::Start {
+                generation: self.generation,
+                spec,
+            },
+            &[],
+        )?;
+        match self.wait_client("Prepared", START_TIMEOUT) {
+            Ok((ToSupervisor::Prepared { pid, version }, _)) => {
+                tracing::info!(pid, %version, "client prepared the volume");
+                self.client_version = version;
+            }
+            Ok((ToSupervisor::Failed { reason }, _)) => {
+                self.client.reap(EXIT_TIMEOUT).ok();
+                return Err(SuperviseError::ClientFailed { reason });
+            }
+            Ok((other, _)) => {
+                self.stop_client(ABORT_TIMEOUT);
+                return Err(SuperviseError::Protocol {
+                    what: "Prepared",
+                    got: short(&other),
+                });
+            }
+            Err(e) => {
+                // A client that exited is reaped already; one that hangs is killed (drop).
+                if matches!(e, SuperviseError::Interrupted(_)) {
+                    self.stop_client(ABORT_TIMEOUT);
+                }
+                return Err(e);
+            }
+        }
+
+        let fuse = match mount::open_device() {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.stop_client(ABORT_TIMEOUT);
+                return Err(SuperviseError::Mount(e));
+            }
+        };
+        if let Err(e) = mount::mount(fuse.as_fd(), &self.target.volume, &self.target.mountpoint) {
+            self.stop_client(ABORT_TIMEOUT);
+            return Err(SuperviseError::Mount(e));
+        }
+        tracing::info!("mounted");
+        let init = match mount::read_init(fuse.as_fd(), KERNEL_INIT_TIMEOUT) {
+            Ok(init) => init,
+            Err(e) => {
+                self.abort_mounted();
+                return Err(SuperviseError::ReadInit(e));
+            }
+        };
+        let unique = init.request.unique;
+        tracing::debug!(
+            abi = format_args!("{}.{}", init.request.major, init.request.minor),
+            len = init.bytes.len(),
+            "kernel INIT read"
+        );
+
+        let request = ToClient::Init {
+            request: init.bytes.clone(),
+        };
+        if let Err(e) = self.send("Init", &request, &[fuse.as_fd()]) {
+            self.abort_init(&fuse, unique);
+            return Err(e);
+        }
+        let reply = match self.wait_client("InitReply", INIT_REPLY_TIMEOUT) {
+            Ok((ToSupervisor::InitReply { reply }, _)) => reply,
+            Ok((ToSupervisor::Failed { reason }, _)) => {
+                self.abort_init(&fuse, unique);
+                return Err(SuperviseError::ClientFailed { reason });
+            }
+            Ok((other, _)) => {
+                self.abort_init(&fuse, unique);
+                return Err(SuperviseError::Protocol {
+                    what: "InitReply",
+                    got: short(&other),
+                });
+            }
+            Err(e) => {
+                self.abort_init(&fuse, unique);
+                return Err(e);
+            }
+        };
+        let negotiated = match InitReply::parse(&reply, unique) {
+            Ok(n) => n,
+            Err(e) => {
+                self.abort_init(&fuse, unique);
+                return Err(SuperviseError::BadInitReply(e));
+            }
+        };
+        if let Err(e) = mount::write_reply(fuse.as_fd(), &reply) {
+            self.abort_init(&fuse, unique);
+            return Err(SuperviseError::WriteInitReply(e));
+        }
+        tracing::info!(
+            abi = format_args!("{}.{}", negotiated.major, negotiated.minor),
+            max_write = negotiated.max_write,
+            max_pages = negotiated.max_pages,
+            flags = format_args!("{:#x}", negotiated.flags),
+            "FUSE connection initialized"
+        );
+        self.fuse = Some(fuse);
+        self.negotiated = Some(Negotiated {
+            request: init.bytes,
+            reply,
+            params: negotiated,
+        });
+        if let Err(e) = self.send("Serve", &ToClient::Serve, &[]) {
+            // The kernel has its reply; without a client nobody serves: detach.
+            self.abort_mounted();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Serves control requests and watches signals and the client until the mount ends.
+    fn run(&mut self) -> Result<(), SuperviseError> {
+        loop {
+            let wake = self.wait()?;
+            match wake {
+                Wake::Signal(sig) => {
+                    tracing::info!(signal = %sig, "stopping: detaching the mount");
+                    match mount::umount(&self.target.mountpoint, true) {
+                        Ok(()) | Err(UmountError::NotMounted(_)) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %fsclient::client::error_chain(&e), "cannot detach the mount")
+                        }
+                    }
+                    return self.finish();
+                }
+                Wake::Control => {
+                    let conn = match self.control.accept() {
+                        Ok(Some(c)) => c,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            tracing::warn!(error = %fsclient::client::error_chain(&e), "control connection refused");
+                            continue;
+                        }
+                    };
+                    if let Some(result) = self.handle_control(&conn) {
+                        return result;
+                    }
+                }
+                Wake::Client => {
+                    match channel::recv::<ToSupervisor>(self.client.channel().as_fd(), None) {
+                        Ok((ToSupervisor::SessionEnded { error }, _)) => {
+                            tracing::info!(
+                                "the FUSE connection ended: the mount was removed outside baton"
+                            );
+                            if let Some(e) = error {
+                                tracing::warn!(error = %e, "the client reported a flush error");
+                            }
+                            return self.finish();
+                        }
+                        Ok((other, _)) => {
+                            tracing::warn!(message = %short(&other), "ignoring an unexpected message from the client");
+                        }
+                        Err(e) => {
+                            if !e.is_closed() {
+                                tracing::error!(error = %fsclient::client::error_chain(&e), "the client channel broke");
+                            }
+                            let status = describe(self.client.reap(EXIT_TIMEOUT));
+                            tracing::error!(
+                                %status,
+                                "the client exited unexpectedly; detaching the mount (automatic restart is not built yet)"
+                            );
+                            let _ = mount::umount(&self.target.mountpoint, true);
+                            return Err(SuperviseError::ClientDied { status });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn wait(&mut self) -> Result<Wake, SuperviseError> {
+        loop {
+            let mut fds = [
+                PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.control.fd(), PollFlags::POLLIN),
+                PollFd::new(self.client.channel().as_fd(), PollFlags::POLLIN),
+            ];
+            match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(SuperviseError::Poll(e)),
+            }
+            if fds[0].any().unwrap_or(false) {
+                if let Some(sig) = read_signal(&self.signals) {
+                    return Ok(Wake::Signal(sig));
+                }
+            }
+            if fds[2].any().unwrap_or(false) {
+                return Ok(Wake::Client);
+            }
+            if fds[1].any().unwrap_or(false) {
+                return Ok(Wake::Control);
+            }
+        }
+    }
+
+    /// Handles one control request; `Some` ends the loop with that result.
+    fn handle_control(&mut self, conn: &ControlConn) -> Option<Result<(), SuperviseError>> {
+        let request = match conn.recv_request() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %fsclient::client::error_chain(&e), "bad control request");
+                return None;
+            }
+        };
+        tracing::info!(?request, uid = conn.uid, pid = conn.pid, "control request");
+        let (response, end) = match request {
+            ControlRequest::Status => (ControlResponse::Status(self.status()), None),
+            ControlRequest::Umount { lazy } => match mount::umount(&self.target.mountpoint, lazy) {
+                Err(UmountError::Busy(_)) => {
+                    tracing::info!("umount refused: the mount is busy; still serving");
+                    (ControlResponse::Busy, None)
+                }
+                Err(e @ UmountError::Failed { .. }) => (
+                    ControlResponse::Error {
+                        message: fsclient::client::error_chain(&e),
+                    },
+                    None,
+                ),
+                Ok(()) | Err(UmountError::NotMounted(_)) => {
+                    tracing::info!(lazy, "unmounted on request");
+                    let flush_error = self.stop_client(SHUTDOWN_TIMEOUT);
+                    let result = match &flush_error {
+                        None => Ok(()),
+                        Some(e) => Err(SuperviseError::Flush(e.clone())),
+                    };
+                    (ControlResponse::Umounted { flush_error }, Some(result))
+                }
+            },
+        };
+        if let Err(e) = conn.respond(&response) {
+            tracing::warn!(error = %fsclient::client::error_chain(&e), "cannot answer the control request");
+        }
+        end
+    }
+
+    /// The mount is gone or detached: stop the client and end.
+    fn finish(&mut self) -> Result<(), SuperviseError> {
+        let flush = self.stop_client(SHUTDOWN_TIMEOUT);
+        self.fuse = None;
+        match flush {
+            None => {
+                tracing::info!("stopped cleanly");
+                Ok(())
+            }
+            Some(e) => Err(SuperviseError::Flush(e)),
+        }
+    }
+}
+
+/// Runs `baton mount` in the foreground. `on_ready` is called once the mount serves.
+pub fn run(
+    home: &Home,
+    opts: &MountOptions,
+    on_ready: impl FnOnce(&Path),
+) -> Result<(), SuperviseError> {
+    let target = precheck(home, opts)?;
+    let span = tracing::info_span!("mount", mountpoint = %target.mountpoint.display(), volume = %target.volume);
+    let _entered = span.enter();
+
+    let control = ControlServer::bind(home, &target.mountpoint).map_err(SuperviseError::Control)?;
+    let signals = block_signals()?;
+    let binary = match &opts.client {
+        Some(p) => p.clone(),
+        None => spawn::default_client().map_err(SuperviseError::Spawn)?,
+    };
+    let args = vec![
+        "--log-format".to_string(),
+        opts.log_format.as_str().to_string(),
+    ];
+    let client = ClientProcess::spawn(&binary, &args).map_err(SuperviseError::Spawn)?;
+    let mut sup = Supervisor {
+        target,
+        control,
+        signals,
+        client,
+        client_version: String::new(),
+        generation: Generation(1),
+        fuse: None,
+        negotiated: None,
+        started: Instant::now(),
+    };
+    let spec = MountSpec {
+        volume: sup.target.volume.clone(),
+        meta_url: sup.target.meta_url.clone(),
+        mountpoint: sup.target.mountpoint.clone(),
+        home: home.path().to_path_buf(),
+        threads: opts.threads,
+        attr_ttl_ms: u64::try_from(opts.attr_cache.as_millis()).unwrap_or(u64::MAX),
+        entry_ttl_ms: u64::try_from(opts.entry_cache.as_millis()).unwrap_or(u64::MAX),
+        cache_dir: opts.cache_dir.clone(),
+        cache_bytes: opts.cache_bytes,
+    };
+    sup.start(spec)?;
+    tracing::info!(pid = sup.client.pid(), generation = %sup.generation, "serving");
+    on_ready(&sup.target.mountpoint);
+    sup.run()
+}
