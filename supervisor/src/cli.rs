@@ -95,8 +95,8 @@ pub struct MountArgs {
     /// Client binary [default: baton-fs next to baton].
     #[arg(long)]
     pub client: Option<PathBuf>,
-    /// FUSE reader threads.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// FUSE worker threads (a blocking lock wait or a slow object read holds one).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
     /// Kernel attribute cache lifetime, in seconds.
     #[arg(long, default_value = "1", value_parser = parse_secs)]

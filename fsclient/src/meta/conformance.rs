@@ -14,9 +14,10 @@ use std::sync::Arc;
 use super::*;
 
 type Engine = Arc<dyn MetaEngine>;
+type Case = fn(&Engine);
 
 /// Every case, by name.
-pub fn cases() -> Vec<(&'static str, fn(&Engine))> {
+pub fn cases() -> Vec<(&'static str, Case)> {
     vec![
         ("format", format),
         ("create_lookup_getattr", create_lookup_getattr),

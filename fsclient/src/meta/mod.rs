@@ -182,6 +182,7 @@ pub trait MetaEngine: Send + Sync + std::fmt::Debug {
     ) -> Result<Removed>;
     fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<Removed>;
     /// Renames; returns what happened to a replaced target, if any.
+    #[allow(clippy::too_many_arguments)]
     fn rename(
         &self,
         sid: SessionId,

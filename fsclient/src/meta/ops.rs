@@ -570,6 +570,7 @@ impl<B: Backend> MetaEngine for Meta<B> {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn rename(
         &self,
         sid: SessionId,

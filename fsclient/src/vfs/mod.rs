@@ -591,6 +591,7 @@ impl Vfs {
 
     /// F_SETLK / F_SETLKW (and flock, which the kernel sends as a whole-file lock owned
     /// by the open file). With `wait`, retries until the lock is free.
+    #[allow(clippy::too_many_arguments)]
     pub fn setlk(&self, ino: Ino, owner: u64, typ: i32, start: u64, end: u64, pid: u32, wait: bool) -> Result<()> {
         let req = self.lock_request(owner, typ, start, end, pid)?;
         let mut delay = Duration::from_millis(5);
