@@ -1,32 +1,44 @@
 //! The client process runtime (`baton-fs`): talk to the supervisor over the inherited
-//! handover socket, open the filesystem, run the INIT relay, serve, shut down.
+//! handover socket, open the filesystem, run the INIT relay, serve, hand over, shut down.
 //!
-//! The sequence is drawn in `handover_proto::message`. The client never mounts or
+//! The sequences are drawn in `handover_proto::message`. The client never mounts or
 //! unmounts: it is handed a connection. It opens everything that can fail (metadata
-//! engine, object storage, session) *before* the supervisor mounts, so that a bad volume
-//! never leaves a dead mount behind, and reports failures to the supervisor as
-//! `Failed { reason }` with the whole error chain.
+//! engine, object storage, session) *before* the supervisor mounts or freezes the old
+//! client, so that a bad volume never leaves a dead mount or a paused one behind, and
+//! reports failures to the supervisor as `Failed { reason }` with the whole error chain.
 //!
-//! After `Serve`, fuser's reader threads serve the kernel while the main thread waits for
-//! either the supervisor's `Shutdown` or the end of the FUSE connection (unmounted by
-//! somebody else). Either way the volume is flushed and closed exactly once.
+//! A client is either the first of its mount (`Start { resume_session: None }`: it opens
+//! a new metadata session) or a successor (`Some(session)`: it resumes its predecessor's
+//! session, receives its state, and takes over the connection without FUSE_INIT). Until
+//! it serves, a successor never closes the session and never touches the connection: if
+//! it gives up or is told to, its predecessor serves on with the same session.
+//!
+//! After `Serve`, fuser's reader threads serve the kernel while the main thread handles
+//! the supervisor's messages (pre-flush, freeze, thaw, commit, shutdown) and the end of
+//! the FUSE connection. A freeze runs on its own thread so that a `Thaw` can cancel it.
 
 use std::error::Error as StdError;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use fuser::Filesystem;
 use handover_proto::channel::{self, RecvError, SendError};
-use handover_proto::message::{MountSpec, ToClient, ToSupervisor};
+use handover_proto::message::{
+    FreezeMode, Generation, Hello, MountSpec, ToClient, ToSupervisor, capability,
+};
+use handover_proto::state::Assembler;
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::sys::stat::{SFlag, fstat};
 
 use crate::fuse::adapter::BatonFs;
+use crate::fuse::park::{Gate, Phase};
 use crate::fuse::relay::{self, RelayError};
-use crate::vfs::{Vfs, VfsConfig};
+use crate::handover::{self, Connection, Freezer, ImportError};
+use crate::meta::SessionId;
+use crate::vfs::{OpenError, Vfs, VfsConfig};
 
 /// The environment variable that names the inherited handover socket descriptor.
 pub use handover_proto::message::CHANNEL_FD_ENV;
@@ -34,7 +46,7 @@ pub use handover_proto::message::CHANNEL_FD_ENV;
 /// An error of the filesystem being served, from outside this module.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
-/// The version the client reports to the supervisor.
+/// The version of this crate, reported by the default build.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Workers of the tokio runtime the data path runs on.
@@ -42,35 +54,55 @@ const IO_WORKERS: usize = 4;
 /// How long a blocking shutdown of the runtime may take at exit.
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(5);
 
-/// What a client serves: opened once from the mount spec, before anything is mounted.
-pub trait Volume: Send + Sync + 'static {
-    /// The fuser filesystem that serves this volume.
-    type Fs: Filesystem + Send + 'static;
-    /// A filesystem for the FUSE session (called once per session).
-    fn filesystem(&self) -> Self::Fs;
-    /// Flushes everything written and closes the volume's session. Called exactly once.
-    fn shutdown(&self) -> Result<(), BoxError>;
+/// What a client binary is: the version it reports and what it can do in a handover.
+/// `baton-fs` runs [`BuildInfo::default`]; a test binary may announce another version
+/// or fewer capabilities to exercise upgrades between different builds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildInfo {
+    pub version: String,
+    /// Capability names (`handover_proto::message::capability`).
+    pub capabilities: Vec<String>,
+    /// Client state schema versions it exports and imports.
+    pub state_versions: Vec<u16>,
 }
 
-/// A Baton volume: the [`Vfs`] served by the [`BatonFs`] adapter.
-#[derive(Debug)]
-pub struct BatonVolume(Arc<Vfs>);
+impl Default for BuildInfo {
+    fn default() -> Self {
+        BuildInfo {
+            version: VERSION.to_string(),
+            capabilities: [
+                capability::PARK_RESEND,
+                capability::DRAIN,
+                capability::TAKEOVER,
+            ]
+            .map(String::from)
+            .to_vec(),
+            state_versions: handover_proto::state::SUPPORTED_VERSIONS.to_vec(),
+        }
+    }
+}
 
-impl Volume for BatonVolume {
-    type Fs = BatonFs;
-
-    fn filesystem(&self) -> BatonFs {
-        BatonFs::new(self.0.clone())
+impl BuildInfo {
+    fn hello(&self) -> Hello {
+        Hello {
+            state_versions: self.state_versions.clone(),
+            capabilities: self.capabilities.clone(),
+        }
     }
 
-    fn shutdown(&self) -> Result<(), BoxError> {
-        self.0.shutdown().map_err(Into::into)
+    fn can(&self, cap: &str) -> bool {
+        self.capabilities.iter().any(|c| c == cap)
     }
 }
 
 /// Opens the volume `spec` names: metadata engine, volume settings, object storage,
-/// session ([`Vfs::open`]).
-pub fn open_volume(spec: &MountSpec, rt: tokio::runtime::Handle) -> Result<BatonVolume, BoxError> {
+/// session — a new one, or `resume` ([`Vfs::open`]).
+pub fn open_volume(
+    spec: &MountSpec,
+    build: &BuildInfo,
+    resume: Option<SessionId>,
+    rt: tokio::runtime::Handle,
+) -> Result<Arc<Vfs>, OpenError> {
     let mut config = VfsConfig::new(
         spec.meta_url.clone(),
         spec.mountpoint.display().to_string(),
@@ -80,8 +112,9 @@ pub fn open_volume(spec: &MountSpec, rt: tokio::runtime::Handle) -> Result<Baton
     config.entry_ttl = Duration::from_millis(spec.entry_ttl_ms);
     config.cache_dir = spec.cache_dir.clone();
     config.cache_bytes = spec.cache_bytes;
-    config.version = VERSION.to_string();
-    Ok(BatonVolume(Vfs::open(config, rt)?))
+    config.version = build.version.clone();
+    config.resume_session = resume;
+    Vfs::open(config, rt)
 }
 
 /// The client could not run or stop cleanly.
@@ -106,7 +139,13 @@ pub enum ClientError {
     #[error("the supervisor sent {got} while waiting for {expected}")]
     Unexpected { expected: &'static str, got: String },
     #[error("cannot open the filesystem")]
-    Open(#[source] BoxError),
+    Open(#[source] OpenError),
+    #[error("the predecessor's state is incomplete or invalid")]
+    State(#[source] handover_proto::state::StateError),
+    #[error("the predecessor's state is in schema version {0}, which this build does not announce")]
+    StateVersion(u16),
+    #[error("cannot take over the predecessor's state")]
+    Import(#[source] ImportError),
     #[error("the INIT relay failed")]
     Relay(#[source] RelayError),
     #[error("cannot start the FUSE session thread")]
@@ -155,17 +194,91 @@ pub fn error_chain(e: &(dyn StdError + 'static)) -> String {
     s
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+const USAGE: &str = "\
+Baton's filesystem client (started by `baton mount`, never by hand).
+
+Usage: baton-fs [--log-format text|json]
+
+Options:
+      --log-format <FORMAT>  Log output format, on stderr [default: text]
+  -h, --help                 Print help
+  -V, --version              Print version
+";
+
+/// The process entry point of a client binary: parses the command line, sets up logging,
+/// runs the client on the inherited handover socket, and exits. Ends the process itself
+/// when the client is done (fuser's reader threads cannot be stopped otherwise).
+pub fn client_main(build: BuildInfo) -> ExitCode {
+    let mut format = LogFormat::Text;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let value = match a.split_once('=') {
+            Some(("--log-format", v)) => Some(v.to_string()),
+            _ if a == "--log-format" => args.next(),
+            _ => None,
+        };
+        match (a.as_str(), value.as_deref()) {
+            (_, Some("text")) => format = LogFormat::Text,
+            (_, Some("json")) => format = LogFormat::Json,
+            ("-h" | "--help", _) => {
+                print!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            ("-V" | "--version", _) => {
+                println!("baton-fs {}", build.version);
+                return ExitCode::SUCCESS;
+            }
+            _ => {
+                eprint!("baton-fs: invalid argument {a:?}\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    match channel_from_env().and_then(|channel| run(channel, &build)) {
+        // Exit now: fuser's reader threads cannot be stopped otherwise.
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), "baton-fs failed");
+            std::process::exit(1)
+        }
+    }
+}
+
 fn send(sock: BorrowedFd<'_>, msg: &ToSupervisor) -> Result<(), ClientError> {
     channel::send(sock, msg, &[]).map_err(ClientError::Send)
+}
+
+/// Sends `msg`, logging a failure (the supervisor is gone; there is nobody to tell).
+fn send_or_log(sock: BorrowedFd<'_>, msg: &ToSupervisor) {
+    if let Err(e) = send(sock, msg) {
+        tracing::warn!(error = %error_chain(&e), "cannot send to the supervisor");
+    }
 }
 
 /// Tells the supervisor why this client gives up, then returns `err` (which the caller
 /// logs).
 fn fail(sock: BorrowedFd<'_>, err: ClientError) -> ClientError {
-    let reason = error_chain(&err);
-    if let Err(e) = send(sock, &ToSupervisor::Failed { reason }) {
-        tracing::warn!(error = %error_chain(&e), "cannot report the failure to the supervisor");
-    }
+    send_or_log(
+        sock,
+        &ToSupervisor::Failed {
+            reason: error_chain(&err),
+        },
+    );
     err
 }
 
@@ -175,79 +288,38 @@ fn unexpected(expected: &'static str, got: &ToClient) -> ClientError {
     ClientError::Unexpected { expected, got }
 }
 
-/// Shuts the volume down once; later calls return the first result.
-struct Closer<V: Volume> {
-    volume: Arc<V>,
-    result: Option<Option<String>>,
+/// CLOCK_MONOTONIC now, in nanoseconds (the supervisor reads the same clock).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }
 
-impl<V: Volume> Closer<V> {
-    fn close(&mut self) -> Option<String> {
-        if let Some(r) = &self.result {
-            return r.clone();
-        }
-        let r = match self.volume.shutdown() {
-            Ok(()) => {
-                tracing::info!("volume flushed and closed");
-                None
-            }
-            Err(e) => {
-                let msg = error_chain(e.as_ref());
-                tracing::error!(error = %msg, "flushing or closing the volume failed");
-                Some(msg)
-            }
-        };
-        self.result = Some(r.clone());
-        r
-    }
-}
-
-/// Answers a `Shutdown` before serving: close the volume and report.
-fn shutdown_early<V: Volume>(
-    sock: BorrowedFd<'_>,
-    closer: &mut Closer<V>,
-) -> Result<(), ClientError> {
-    tracing::info!("supervisor asked to shut down before serving");
-    let error = closer.close();
-    send(
-        sock,
-        &ToSupervisor::ShutdownDone {
-            error: error.clone(),
-        },
-    )?;
-    match error {
-        None => Ok(()),
-        Some(e) => Err(ClientError::Shutdown(e.into())),
-    }
-}
-
-enum Event {
-    FromSupervisor(ToClient),
-    SupervisorGone(Option<RecvError>),
-    SessionEnded(std::io::Result<()>),
-}
-
-/// Runs a client on the handover socket `channel`: `open` makes the volume from the
-/// supervisor's mount spec, on a tokio runtime this function creates. Returns when the
-/// volume is closed; the caller should then exit the process (fuser's reader threads
-/// cannot be stopped otherwise).
-pub fn run<V, O>(channel: OwnedFd, open: O) -> Result<(), ClientError>
-where
-    V: Volume,
-    O: FnOnce(&MountSpec, tokio::runtime::Handle) -> Result<V, BoxError>,
-{
+/// Runs a client on the handover socket `channel` until its volume is closed (or it
+/// hands over: then the process exits inside). The caller should then exit the process.
+pub fn run(channel: OwnedFd, build: &BuildInfo) -> Result<(), ClientError> {
     let channel = Arc::new(channel);
     let sock = channel.as_fd();
 
     let (msg, _) = channel::recv::<ToClient>(sock, None).map_err(ClientError::Recv)?;
-    let (generation, spec) = match msg {
-        ToClient::Start { generation, spec } => (generation, spec),
+    let (generation, spec, resume) = match msg {
+        ToClient::Start {
+            generation,
+            spec,
+            resume_session,
+        } => (generation, spec, resume_session.map(SessionId)),
         ToClient::Shutdown => return Ok(()),
         other => return Err(fail(sock, unexpected("Start", &other))),
     };
     let span = tracing::info_span!("client", %generation, mountpoint = %spec.mountpoint.display());
     let _entered = span.enter();
-    tracing::info!(volume = %spec.volume, meta = %spec.meta_url, version = VERSION, "starting");
+    tracing::info!(volume = %spec.volume, meta = %spec.meta_url, version = %build.version, successor = resume.is_some(), "starting");
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(IO_WORKERS)
@@ -256,180 +328,440 @@ where
         .build()
         .map_err(|e| fail(sock, ClientError::Runtime(e)))?;
 
-    let result = serve(&channel, &spec, open, rt.handle().clone());
+    let vfs = open_volume(&spec, build, resume, rt.handle().clone())
+        .map_err(|e| fail(sock, ClientError::Open(e)))?;
+    let mut client = Client {
+        channel: channel.clone(),
+        build: build.clone(),
+        generation,
+        spec,
+        vfs,
+        resumed: resume.is_some(),
+        served: false,
+        closed: None,
+    };
+    let result = client.serve();
+    if result.is_err() && !client.served {
+        if client.resumed {
+            // The predecessor serves on with this session (or the supervisor starts
+            // another successor on it): leave it alone.
+            client.vfs.abandon();
+        } else {
+            // Nothing was served: the session is closed, not left to go stale.
+            client.close();
+        }
+    }
     rt.shutdown_timeout(RUNTIME_SHUTDOWN);
     result
 }
 
-fn serve<V, O>(
-    channel: &Arc<OwnedFd>,
-    spec: &MountSpec,
-    open: O,
-    rt: tokio::runtime::Handle,
-) -> Result<(), ClientError>
-where
-    V: Volume,
-    O: FnOnce(&MountSpec, tokio::runtime::Handle) -> Result<V, BoxError>,
-{
-    let sock = channel.as_fd();
-    let volume = Arc::new(open(spec, rt).map_err(|e| fail(sock, ClientError::Open(e)))?);
-    let mut closer = Closer {
-        volume: volume.clone(),
-        result: None,
-    };
-    let result = serve_volume(channel, spec, &volume, &mut closer);
-    if result.is_err() {
-        // Whatever went wrong, the volume's session is closed, not left to go stale.
-        closer.close();
-    }
-    result
+enum Event {
+    FromSupervisor(ToClient),
+    SupervisorGone(Option<RecvError>),
+    SessionEnded(std::io::Result<()>),
 }
 
-/// Everything after the volume is open: the INIT relay, serving, shutting down.
-fn serve_volume<V: Volume>(
-    channel: &Arc<OwnedFd>,
-    spec: &MountSpec,
-    volume: &Arc<V>,
-    closer: &mut Closer<V>,
-) -> Result<(), ClientError> {
-    let sock = channel.as_fd();
-    send(
-        sock,
-        &ToSupervisor::Prepared {
-            pid: std::process::id(),
-            version: VERSION.to_string(),
-        },
-    )?;
-    tracing::info!("volume open; waiting for the kernel's INIT");
+/// One client process and its volume.
+struct Client {
+    channel: Arc<OwnedFd>,
+    build: BuildInfo,
+    generation: Generation,
+    spec: MountSpec,
+    vfs: Arc<Vfs>,
+    /// Took over a predecessor's session.
+    resumed: bool,
+    /// Got `Serve` and started serving: the session is this client's now.
+    served: bool,
+    /// The outcome of the one flush-and-close of the volume.
+    closed: Option<Option<String>>,
+}
 
-    let (msg, mut fds) = channel::recv::<ToClient>(sock, None).map_err(ClientError::Recv)?;
-    let (request, fuse) = match msg {
-        ToClient::Init { request } => match fds.pop() {
-            Some(fd) => (request, fd),
-            None => {
-                return Err(fail(
-                    sock,
-                    unexpected(
-                        "Init with the /dev/fuse descriptor",
-                        &ToClient::Init { request },
-                    ),
-                ));
-            }
-        },
-        ToClient::Shutdown => return shutdown_early(sock, closer),
-        other => return Err(fail(sock, unexpected("Init", &other))),
-    };
-
-    let handshaken = match relay::handshake(volume.filesystem(), &request, spec.threads as usize) {
-        Ok(h) => h,
-        Err(e) => return Err(fail(sock, ClientError::Relay(e))),
-    };
-    send(
-        sock,
-        &ToSupervisor::InitReply {
-            reply: handshaken.reply().to_vec(),
-        },
-    )?;
-
-    let (msg, _) = channel::recv::<ToClient>(sock, None).map_err(ClientError::Recv)?;
-    match msg {
-        ToClient::Serve => {}
-        ToClient::Shutdown => return shutdown_early(sock, closer),
-        other => return Err(unexpected("Serve", &other)),
+impl Client {
+    fn sock(&self) -> BorrowedFd<'_> {
+        self.channel.as_fd()
     }
-    let session = handshaken
-        .attach(fuse.as_fd())
-        .map_err(|e| fail(sock, ClientError::Relay(e)))?;
-    drop(fuse);
 
-    let (tx, rx) = mpsc::channel::<Event>();
-    let session_tx = tx.clone();
-    let span = tracing::Span::current();
-    std::thread::Builder::new()
-        .name("fuse-session".into())
-        .spawn(move || {
-            let _entered = span.enter();
-            let r = session.run();
-            let _ = session_tx.send(Event::SessionEnded(r));
-        })
-        .map_err(ClientError::Spawn)?;
-    let reader_channel = channel.clone();
-    std::thread::Builder::new()
-        .name("supervisor-rx".into())
-        .spawn(move || {
-            loop {
-                match channel::recv::<ToClient>(reader_channel.as_fd(), None) {
-                    Ok((msg, _)) => {
-                        if tx.send(Event::FromSupervisor(msg)).is_err() {
-                            return;
+    /// Flushes and closes the volume once; later calls return the first outcome.
+    fn close(&mut self) -> Option<String> {
+        if let Some(r) = &self.closed {
+            return r.clone();
+        }
+        let r = match self.vfs.shutdown() {
+            Ok(()) => {
+                tracing::info!("volume flushed and closed");
+                None
+            }
+            Err(e) => {
+                let msg = error_chain(&e);
+                tracing::error!(error = %msg, "flushing or closing the volume failed");
+                Some(msg)
+            }
+        };
+        self.closed = Some(r.clone());
+        r
+    }
+
+    /// Answers a `Shutdown` before serving. A successor leaves the session to its
+    /// predecessor and never touched FUSE; a first client closes the session.
+    fn shutdown_early(&mut self) -> Result<(), ClientError> {
+        tracing::info!(
+            successor = self.resumed,
+            "supervisor asked to shut down before serving"
+        );
+        let error = if self.resumed {
+            self.vfs.abandon();
+            None
+        } else {
+            self.close()
+        };
+        send(
+            self.sock(),
+            &ToSupervisor::ShutdownDone {
+                error: error.clone(),
+            },
+        )?;
+        match error {
+            None => Ok(()),
+            Some(e) => Err(ClientError::Shutdown(e.into())),
+        }
+    }
+
+    /// Everything after the volume is open: state, INIT relay, serving, handing over.
+    fn serve(&mut self) -> Result<(), ClientError> {
+        let sock = self.channel.clone();
+        let sock = sock.as_fd();
+        send(
+            sock,
+            &ToSupervisor::Prepared {
+                pid: std::process::id(),
+                version: self.build.version.clone(),
+                hello: self.build.hello(),
+                session: self.vfs.session().0,
+            },
+        )?;
+        tracing::info!(session = %self.vfs.session(), "volume open; waiting for the {}", if self.resumed { "state and the INIT" } else { "kernel's INIT" });
+
+        // A successor receives its predecessor's state before the INIT.
+        let mut assembler = Assembler::default();
+        let mut state_bytes = None;
+        let (request, fuse) = loop {
+            let (msg, mut fds) =
+                channel::recv::<ToClient>(sock, None).map_err(ClientError::Recv)?;
+            match msg {
+                ToClient::State(chunk) if self.resumed && state_bytes.is_none() => {
+                    match assembler.push(chunk) {
+                        Ok(done) => state_bytes = done,
+                        Err(e) => return Err(fail(sock, ClientError::State(e))),
+                    }
+                }
+                ToClient::Init { request } => match fds.pop() {
+                    Some(fd) => break (request, fd),
+                    None => {
+                        return Err(fail(
+                            sock,
+                            unexpected(
+                                "Init with the /dev/fuse descriptor",
+                                &ToClient::Init { request },
+                            ),
+                        ));
+                    }
+                },
+                ToClient::Shutdown => return self.shutdown_early(),
+                other => {
+                    return Err(fail(
+                        sock,
+                        unexpected(
+                            if self.resumed {
+                                "State or Init"
+                            } else {
+                                "Init"
+                            },
+                            &other,
+                        ),
+                    ));
+                }
+            }
+        };
+        if self.resumed {
+            match state_bytes {
+                Some(bytes) => self.import(&bytes).map_err(|e| fail(sock, e))?,
+                None => {
+                    if let Err(e) = std::mem::take(&mut assembler).finish() {
+                        if !matches!(
+                            e,
+                            handover_proto::state::StateError::Incomplete { got: 0, .. }
+                        ) {
+                            return Err(fail(sock, ClientError::State(e)));
                         }
                     }
-                    Err(e) => {
-                        let gone = if e.is_closed() { None } else { Some(e) };
-                        let _ = tx.send(Event::SupervisorGone(gone));
-                        return;
-                    }
-                }
-            }
-        })
-        .map_err(ClientError::Spawn)?;
-    tracing::info!(threads = spec.threads, fd = channel.as_raw_fd(), "serving");
-
-    let mut supervisor_alive = true;
-    let mut session_alive = true;
-    while let Ok(event) = rx.recv() {
-        match event {
-            Event::FromSupervisor(ToClient::Shutdown) => {
-                tracing::info!("shutting down on the supervisor's request");
-                let error = closer.close();
-                send(
-                    sock,
-                    &ToSupervisor::ShutdownDone {
-                        error: error.clone(),
-                    },
-                )?;
-                return match error {
-                    None => Ok(()),
-                    Some(e) => Err(ClientError::Shutdown(e.into())),
-                };
-            }
-            Event::FromSupervisor(other) => {
-                tracing::warn!(message = ?other, "ignoring an unexpected message from the supervisor");
-            }
-            Event::SupervisorGone(err) => {
-                supervisor_alive = false;
-                match err {
-                    None => {
-                        tracing::warn!("the supervisor went away; serving until the mount ends")
-                    }
-                    Some(e) => {
-                        tracing::error!(error = %error_chain(&e), "lost the supervisor; serving until the mount ends")
-                    }
-                }
-                if !session_alive {
-                    break;
-                }
-            }
-            Event::SessionEnded(r) => {
-                session_alive = false;
-                match r {
-                    Ok(()) => tracing::info!("the FUSE connection ended"),
-                    Err(e) => tracing::error!(error = %e, "the FUSE session failed"),
-                }
-                // Flush now, tell the supervisor, and wait for its Shutdown.
-                let error = closer.close();
-                if !supervisor_alive {
-                    break;
-                }
-                if let Err(e) = send(sock, &ToSupervisor::SessionEnded { error }) {
-                    tracing::warn!(error = %error_chain(&e), "cannot tell the supervisor that the session ended");
-                    break;
+                    // No state (the predecessor crashed): handles are rebuilt from their
+                    // numbers as requests use them.
+                    tracing::warn!("no state from a predecessor: starting with empty tables");
                 }
             }
         }
+
+        let gate = Gate::new(self.spec.threads.max(1) as usize);
+        let fs = BatonFs::new(self.vfs.clone(), gate.clone());
+        let handshaken = relay::handshake(fs, &request, self.spec.threads as usize)
+            .map_err(|e| fail(sock, ClientError::Relay(e)))?;
+        let conn = Connection {
+            generation: self.generation.0,
+            spec: self.spec.clone(),
+            init_request: request,
+            init_reply: handshaken.reply().to_vec(),
+        };
+        send(
+            sock,
+            &ToSupervisor::InitReply {
+                reply: conn.init_reply.clone(),
+            },
+        )?;
+
+        let (msg, _) = channel::recv::<ToClient>(sock, None).map_err(ClientError::Recv)?;
+        match msg {
+            ToClient::Serve => {}
+            ToClient::Shutdown => return self.shutdown_early(),
+            other => return Err(fail(sock, unexpected("Serve", &other))),
+        }
+        if self.resumed {
+            // The pause of an upgrade ends when the successor's first reply is out.
+            let channel = self.channel.clone();
+            gate.on_next_answer(move || {
+                send_or_log(
+                    channel.as_fd(),
+                    &ToSupervisor::FirstServed {
+                        monotonic_ns: monotonic_ns(),
+                    },
+                );
+            });
+        }
+        let session = handshaken
+            .attach(fuse.as_fd())
+            .map_err(|e| fail(sock, ClientError::Relay(e)))?;
+        drop(fuse);
+        self.served = true;
+
+        let (tx, rx) = mpsc::channel::<Event>();
+        let session_tx = tx.clone();
+        let span = tracing::Span::current();
+        std::thread::Builder::new()
+            .name("fuse-session".into())
+            .spawn(move || {
+                let _entered = span.enter();
+                let r = session.run();
+                let _ = session_tx.send(Event::SessionEnded(r));
+            })
+            .map_err(ClientError::Spawn)?;
+        let reader_channel = self.channel.clone();
+        std::thread::Builder::new()
+            .name("supervisor-rx".into())
+            .spawn(move || {
+                loop {
+                    match channel::recv::<ToClient>(reader_channel.as_fd(), None) {
+                        Ok((msg, _)) => {
+                            if tx.send(Event::FromSupervisor(msg)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let gone = if e.is_closed() { None } else { Some(e) };
+                            let _ = tx.send(Event::SupervisorGone(gone));
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(ClientError::Spawn)?;
+        tracing::info!(
+            threads = self.spec.threads,
+            fd = self.channel.as_raw_fd(),
+            "serving"
+        );
+        self.serve_loop(rx, &gate, Arc::new(conn))
     }
-    match closer.close() {
-        None => Ok(()),
-        Some(e) => Err(ClientError::Shutdown(e.into())),
+
+    /// Decodes, checks and imports the predecessor's state.
+    fn import(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        let state = handover::decode(bytes).map_err(ClientError::Import)?;
+        if !self.build.state_versions.contains(&state.version()) {
+            return Err(ClientError::StateVersion(state.version()));
+        }
+        let state = state.into_latest();
+        if state.spec.mountpoint != self.spec.mountpoint {
+            tracing::warn!(theirs = %state.spec.mountpoint.display(), "the predecessor's state names another mountpoint");
+        }
+        handover::import(&self.vfs, &state).map_err(ClientError::Import)?;
+        Ok(())
     }
+
+    fn serve_loop(
+        &mut self,
+        rx: mpsc::Receiver<Event>,
+        gate: &Arc<Gate>,
+        conn: Arc<Connection>,
+    ) -> Result<(), ClientError> {
+        let mut freezer: Option<Freezer> = None;
+        let mut supervisor_alive = true;
+        let mut session_alive = true;
+        while let Ok(event) = rx.recv() {
+            match event {
+                Event::FromSupervisor(ToClient::Shutdown) => {
+                    tracing::info!("shutting down on the supervisor's request");
+                    handover::thaw(gate, &mut freezer);
+                    let error = self.close();
+                    send(
+                        self.sock(),
+                        &ToSupervisor::ShutdownDone {
+                            error: error.clone(),
+                        },
+                    )?;
+                    return match error {
+                        None => Ok(()),
+                        Some(e) => Err(ClientError::Shutdown(e.into())),
+                    };
+                }
+                Event::FromSupervisor(ToClient::PreFlush) => {
+                    let started = Instant::now();
+                    let error = self.vfs.data().flush_all().err().map(|e| error_chain(&e));
+                    tracing::info!(elapsed = ?started.elapsed(), ?error, "pre-flushed for a handover");
+                    send(self.sock(), &ToSupervisor::PreFlushed { error })?;
+                }
+                Event::FromSupervisor(ToClient::Freeze {
+                    mode,
+                    state_version,
+                }) => {
+                    if freezer.as_ref().is_some_and(Freezer::is_running) {
+                        send(
+                            self.sock(),
+                            &ToSupervisor::FreezeFailed {
+                                reason: "a freeze is already in progress".into(),
+                            },
+                        )?;
+                        continue;
+                    }
+                    if let Some(f) = freezer.take() {
+                        f.join();
+                    }
+                    match self.start_freeze(gate, &conn, mode, state_version) {
+                        Ok(f) => freezer = Some(f),
+                        Err(reason) => {
+                            tracing::warn!(%reason, "cannot freeze");
+                            send(self.sock(), &ToSupervisor::FreezeFailed { reason })?;
+                        }
+                    }
+                }
+                Event::FromSupervisor(ToClient::Thaw) => {
+                    handover::thaw(gate, &mut freezer);
+                    tracing::info!("thawed: serving again");
+                    send(self.sock(), &ToSupervisor::Thawed)?;
+                }
+                Event::FromSupervisor(ToClient::Commit) => {
+                    if let Some(f) = freezer.take() {
+                        f.join();
+                    }
+                    if let Phase::Frozen(mode) = gate.phase() {
+                        tracing::info!(
+                            ?mode,
+                            parked = gate.parked(),
+                            "handed over: exiting without unmounting"
+                        );
+                        commit_exit();
+                    }
+                    tracing::error!("Commit while not frozen: ignored, serving on");
+                }
+                Event::FromSupervisor(other) => {
+                    tracing::warn!(message = ?other, "ignoring an unexpected message from the supervisor");
+                }
+                Event::SupervisorGone(err) => {
+                    supervisor_alive = false;
+                    match err {
+                        None => {
+                            tracing::warn!("the supervisor went away; serving until the mount ends")
+                        }
+                        Some(e) => {
+                            tracing::error!(error = %error_chain(&e), "lost the supervisor; serving until the mount ends")
+                        }
+                    }
+                    if gate.phase() != Phase::Serving {
+                        // Nobody will commit this handover: serve on.
+                        handover::thaw(gate, &mut freezer);
+                        tracing::warn!(
+                            "thawed: the handover cannot complete without the supervisor"
+                        );
+                    }
+                    if !session_alive {
+                        break;
+                    }
+                }
+                Event::SessionEnded(r) => {
+                    session_alive = false;
+                    match r {
+                        Ok(()) => tracing::info!("the FUSE connection ended"),
+                        Err(e) => tracing::error!(error = %e, "the FUSE session failed"),
+                    }
+                    // Flush now, tell the supervisor, and wait for its Shutdown.
+                    let error = self.close();
+                    if !supervisor_alive {
+                        break;
+                    }
+                    if let Err(e) = send(self.sock(), &ToSupervisor::SessionEnded { error }) {
+                        tracing::warn!(error = %error_chain(&e), "cannot tell the supervisor that the session ended");
+                        break;
+                    }
+                }
+            }
+        }
+        match self.close() {
+            None => Ok(()),
+            Some(e) => Err(ClientError::Shutdown(e.into())),
+        }
+    }
+
+    /// Checks a `Freeze`, closes the gate, and leaves the waiting, flushing and exporting
+    /// to a thread. `Err` is the reason for `FreezeFailed` (nothing was frozen).
+    fn start_freeze(
+        &self,
+        gate: &Arc<Gate>,
+        conn: &Arc<Connection>,
+        mode: FreezeMode,
+        state_version: u16,
+    ) -> Result<Freezer, String> {
+        let needed = match mode {
+            FreezeMode::Resend => capability::PARK_RESEND,
+            FreezeMode::Drain => capability::DRAIN,
+        };
+        if !self.build.can(needed) {
+            return Err(format!(
+                "this build ({}) cannot freeze in {mode:?} mode",
+                self.build.version
+            ));
+        }
+        if !self.build.state_versions.contains(&state_version) {
+            return Err(format!(
+                "this build ({}) cannot export state schema version {state_version}",
+                self.build.version
+            ));
+        }
+        if let Phase::Frozen(other) = gate.phase() {
+            if other != mode {
+                tracing::info!(from = ?other, to = ?mode, "frozen in another mode: thawing first");
+                gate.thaw();
+            }
+        }
+        let ticket = gate.begin_freeze(mode).map_err(|e| error_chain(&e))?;
+        tracing::info!(?mode, state_version, "freezing for a handover");
+        Freezer::start(gate, ticket, state_version, &self.vfs, conn, &self.channel).map_err(|e| {
+            gate.thaw();
+            format!("cannot start the freezer thread: {e}")
+        })
+    }
+}
+
+/// Ends the process at once for a committed handover: no unmount, no session close, no
+/// destructor, no reply to parked requests (the successor gets them again).
+fn commit_exit() -> ! {
+    // SAFETY: _exit(2) ends the process immediately; it touches no memory of this
+    // process. Skipping destructors is the point: a dropped fuser reply would answer EIO.
+    unsafe { libc::_exit(0) }
 }

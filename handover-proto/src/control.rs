@@ -16,6 +16,18 @@ pub enum ControlRequest {
     Umount { lazy: bool },
     /// Report on the mount.
     Status,
+    /// Replace the client by a new process of `binary` (`None`: the current client's
+    /// binary) without unmounting. `timeout_ms` bounds everything before the commit;
+    /// `force_drain` uses drain mode even where the kernel can resend. `cache_dir` and
+    /// `cache_bytes` change the new client's block cache (client options may change with
+    /// an upgrade; what the kernel saw at mount time may not).
+    Upgrade {
+        binary: Option<PathBuf>,
+        timeout_ms: u64,
+        force_drain: bool,
+        cache_dir: Option<PathBuf>,
+        cache_bytes: Option<u64>,
+    },
 }
 
 /// Supervisor -> CLI.
@@ -29,6 +41,10 @@ pub enum ControlResponse {
     /// The mount is in use; nothing was changed.
     Busy,
     Status(MountStatus),
+    /// The new client serves.
+    Upgraded(UpgradeReport),
+    /// The upgrade failed and the old client serves on; `report.reason` says why.
+    RolledBack(UpgradeReport),
     /// The request failed; the mount is unchanged unless the message says otherwise.
     Error {
         message: String,
@@ -51,6 +67,40 @@ pub struct MountStatus {
     pub fuse_minor: u32,
     /// Largest write request, negotiated at the first mount.
     pub max_write: u32,
+    /// Whether the kernel offered FUSE_HAS_RESEND (else upgrades drain).
+    pub resend: bool,
+    /// Successful upgrades since the mount was made.
+    pub upgrades: u64,
+    /// Upgrades that rolled back.
+    pub rollbacks: u64,
+    /// Client processes restarted after they died.
+    pub restarts: u64,
+    /// Pause of the last upgrade (freeze to first request served), in microseconds.
+    pub last_pause_us: Option<u64>,
+    /// Why the last upgrade rolled back, if it did.
+    pub last_rollback: Option<String>,
+}
+
+/// The outcome of one upgrade.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct UpgradeReport {
+    pub old_generation: Generation,
+    pub old_version: String,
+    /// The generation that serves after the upgrade (the old one after a rollback).
+    pub new_generation: Generation,
+    pub new_version: String,
+    /// `Resend` or `Drain`, once chosen.
+    pub mode: Option<crate::message::FreezeMode>,
+    /// From the freeze to the first request answered by the successor (or to `Serve` if
+    /// no request came), in microseconds; for a rollback, how long the old client was
+    /// frozen (0 if it never was).
+    pub pause_us: u64,
+    /// Requests the old client parked (resend) or finished while draining.
+    pub handed_over_requests: u32,
+    /// Wall time of the whole upgrade, in microseconds.
+    pub total_us: u64,
+    /// Why it rolled back.
+    pub reason: Option<String>,
 }
 
 impl WireMessage for ControlRequest {

@@ -71,6 +71,7 @@ pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Resul
     let cmsgs = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
     let iov = [IoSlice::new(bytes)];
+    let mut grown = false;
     loop {
         match nix::sys::socket::sendmsg::<()>(
             sock.as_raw_fd(),
@@ -87,6 +88,12 @@ pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Resul
                 });
             }
             Err(Errno::EINTR) => continue,
+            // A datagram larger than the socket's send buffer (212992 bytes by default)
+            // is refused whole. Grow the buffer to fit this one and try again, once.
+            Err(Errno::EMSGSIZE) if !grown => {
+                grown = true;
+                grow_send_buffer(sock, bytes.len());
+            }
             Err(source) => {
                 return Err(SendError::Sendmsg {
                     len: bytes.len(),
@@ -94,6 +101,22 @@ pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Resul
                 });
             }
         }
+    }
+}
+
+/// Makes the send buffer of `sock` large enough for one datagram of `len` bytes.
+///
+/// An AF_UNIX datagram is charged to the sender's buffer and refused with EMSGSIZE when it
+/// is larger (less 32 bytes); the default buffer (`net.core.wmem_default`, 212992 bytes)
+/// is smaller than the largest frame. SO_SNDBUFFORCE (root) is not capped by
+/// `net.core.wmem_max`; without the privilege SO_SNDBUF grows the buffer up to that cap.
+/// Failures are ignored: the send that follows reports the EMSGSIZE.
+fn grow_send_buffer(sock: BorrowedFd<'_>, len: usize) {
+    // The kernel doubles the value for its bookkeeping; the slack covers the 32 bytes
+    // and the ancillary data.
+    let want = len.saturating_add(4096);
+    if nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::SndBufForce, &want).is_err() {
+        let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::SndBuf, &want);
     }
 }
 
@@ -219,6 +242,20 @@ mod tests {
         let mut one = [0u8; 1];
         nix::unistd::read(&p1, &mut one).expect("read");
         assert_eq!(&one, b"x");
+    }
+
+    /// A datagram larger than the default socket buffer (212992 bytes) goes through:
+    /// the sender grows its buffer.
+    #[test]
+    fn large_datagram_goes_through() {
+        let (a, b) = pair();
+        let big: Vec<u8> = (0..(1usize << 20) + 16).map(|i| i as u8).collect();
+        let sender = std::thread::spawn(move || send(a.as_fd(), &big, &[]).map(|()| big));
+        let mut buf = vec![0u8; (1 << 20) + 16];
+        let r = recv(b.as_fd(), &mut buf).expect("recv");
+        let big = sender.join().expect("sender thread").expect("send");
+        assert_eq!(r.len, big.len());
+        assert!(buf == big);
     }
 
     #[test]

@@ -4,9 +4,13 @@
 //! and the filesystem client (`baton-fs`) — the frame every message travels in
 //! ([`frame`]), the encoding of message bodies ([`codec`], the only module that knows
 //! bincode), passing file descriptors with SCM_RIGHTS ([`fdpass`]), the supervisor <->
-//! client startup messages ([`message`]), the FUSE_INIT bytes they relay ([`fuse_init`])
-//! and the control API ([`control`]). [`channel`]
-//! puts them together: one message per `SOCK_SEQPACKET` datagram.
+//! client start-up, live-handover and shutdown messages ([`message`]), the client state
+//! handed from one generation to the next, versioned and chunked ([`state`]), the
+//! FUSE_INIT bytes they relay ([`fuse_init`]) and the control API ([`control`]).
+//! [`channel`] puts them together: one message per `SOCK_SEQPACKET` datagram. The
+//! protocol as a whole (sequences, rollback, state schema) is described in
+//! `docs/handover-protocol.md`; golden files of every released format are kept in
+//! `tests/fixtures/` and never regenerated.
 //!
 //! What it must never do: depend on a FUSE library, tokio or any other Baton crate, panic on bytes
 //! from another process, or change the meaning of a released format version.
@@ -49,5 +53,6 @@ pub mod fdpass;
 pub mod frame;
 pub mod fuse_init;
 pub mod message;
+pub mod state;
 
 pub use channel::{RecvError, SendError, WireMessage};

@@ -1,12 +1,15 @@
-//! The supervisor <-> client startup and shutdown messages.
+//! The supervisor <-> client messages: start-up, live handover, shutdown.
 //!
-//! The sequence on one `SOCK_SEQPACKET` socketpair whose client end is the only
-//! descriptor the client inherits:
+//! All of them travel on one `SOCK_SEQPACKET` socketpair per client, whose client end is
+//! the only descriptor the client inherits.
+//!
+//! First mount:
 //!
 //! ```text
-//! supervisor                                   client (baton-fs)
-//!   Start { generation, spec }           --->
-//!                                        <---  Prepared { pid, version } | Failed { reason }
+//! supervisor                                   client (baton-fs, generation 1)
+//!   Start { generation, spec, None }     --->
+//!                                        <---  Prepared { pid, version, hello, session }
+//!                                              | Failed { reason }
 //!   (mount(2), read the kernel's INIT)
 //!   Init { request } + /dev/fuse fd      --->
 //!                                              INIT relay through fuser
@@ -14,14 +17,35 @@
 //!   (check it, write it to /dev/fuse)
 //!   Serve                                --->
 //!                                              serves FUSE requests
-//!                                        <---  SessionEnded { error } (if the mount
-//!                                              was removed from outside)
 //!   Shutdown                             --->
 //!                                        <---  ShutdownDone { error }
 //! ```
 //!
 //! `Failed` before `Prepared` means nothing was mounted; after `Init` the supervisor
 //! answers the kernel's INIT with an error itself and unmounts.
+//!
+//! Live handover from generation N (old) to N+1 (new):
+//!
+//! ```text
+//! supervisor              old (N, serving)              new (N+1)
+//!   spawn, Start { N+1, spec, Some(session) } ------------->
+//!                                            <------------- Prepared { hello }
+//!   versions/capabilities: hello(old) ∩ hello(new), else roll back (old never paused)
+//!   PreFlush ------------> flushes while serving
+//!            <------------ PreFlushed
+//!   Freeze { mode, v } --> parks (resend) or drains; flushes; exports state v
+//!            <------------ State(chunk) ... Frozen
+//!   State(chunk) ... , Init { saved request } + fd -------->  imports, INIT relay
+//!                                            <------------- InitReply (must equal the
+//!                                                            reply the kernel has)
+//!   Commit --------------> _exit(0) (no unmount, no session close)
+//!   reap old; write FUSE_NOTIFY_RESEND (resend mode)
+//!   Serve -------------------------------------------------> dup3, serve
+//!                                            <------------- FirstServed { t }
+//! ```
+//!
+//! Any failure before `Commit` rolls back: the new client gets `Shutdown`, the old one
+//! `Thaw` (it runs what it parked and serves on).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -66,44 +90,132 @@ pub struct MountSpec {
     pub cache_bytes: u64,
 }
 
+/// Versions and capabilities a client supports, announced in `Prepared` (EdenFS-style:
+/// the supervisor uses the intersection of the old and the new client's).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct Hello {
+    /// Client state schema versions it can export and import ([`crate::state`]).
+    pub state_versions: Vec<u16>,
+    /// Capability names ([`capability`]).
+    pub capabilities: Vec<String>,
+}
+
+/// Capability names a client may announce.
+pub mod capability {
+    /// Can freeze by parking requests (not executing, not answering) for a successor to
+    /// receive again through FUSE_NOTIFY_RESEND.
+    pub const PARK_RESEND: &str = "park-resend";
+    /// Can freeze by draining: finish every request it has read, then stop reading.
+    pub const DRAIN: &str = "drain";
+    /// Can take over a live connection from a predecessor's state.
+    pub const TAKEOVER: &str = "takeover";
+}
+
+/// How an old client stops serving for a handover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Encode, Decode)]
+pub enum FreezeMode {
+    /// Park requests read after the freeze; the supervisor has the kernel resend them to
+    /// the successor (kernels with FUSE_HAS_RESEND, >= 6.9).
+    Resend,
+    /// Finish every request read, then stop reading (kernels without resend).
+    Drain,
+}
+
+/// One piece of an encoded client state (states can exceed one frame).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct StateChunk {
+    /// 0-based position of this chunk.
+    pub index: u32,
+    /// How many chunks the state has.
+    pub total: u32,
+    pub data: Vec<u8>,
+}
+
 /// Supervisor -> client.
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub enum ToClient {
     /// Open the filesystem (metadata, data store, session); do not touch FUSE yet.
+    /// `resume_session`: the metadata session of the mount, which a successor keeps
+    /// (its locks and open-but-unlinked files stay valid); `None` opens a new one.
     Start {
         generation: Generation,
         spec: MountSpec,
+        resume_session: Option<u64>,
     },
     /// The kernel's FUSE_INIT request, as read from /dev/fuse. Carries one descriptor: the
-    /// /dev/fuse connection.
+    /// /dev/fuse connection. To a successor, after its state chunks.
     Init { request: Vec<u8> },
-    /// The INIT reply reached the kernel: start serving.
+    /// The INIT reply reached the kernel (first mount), or the predecessor is gone and
+    /// its unanswered requests were resent (successor): start serving.
     Serve,
     /// The mount is gone or going: flush, close the session, answer, exit.
     Shutdown,
+    /// Old client: flush written data while still serving (so the freeze only flushes
+    /// what is written after this). Answered by `PreFlushed`.
+    PreFlush,
+    /// Old client: stop executing requests in `mode`, let executing ones finish, flush,
+    /// export the state in schema `state_version`. Answered by `StateChunk`s then `Frozen`,
+    /// or `FreezeFailed` (and the client serves on).
+    Freeze { mode: FreezeMode, state_version: u16 },
+    /// Old client: the handover failed; serve again (parked requests run now). Answered by
+    /// `Thawed`. Harmless when not frozen.
+    Thaw,
+    /// Old client: the successor is ready; exit now without unmounting, closing the
+    /// session or answering anything. Not answered: the supervisor reaps the process.
+    Commit,
+    /// Successor: a piece of the predecessor's state, before `Init`.
+    State(StateChunk),
 }
 
 /// Client -> supervisor.
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub enum ToSupervisor {
-    /// The filesystem is open and ready for the INIT relay.
-    Prepared { pid: u32, version: String },
+    /// The filesystem is open and ready for the INIT relay (and, for a successor, for the
+    /// state). `session` is the metadata session it uses.
+    Prepared {
+        pid: u32,
+        version: String,
+        hello: Hello,
+        session: u64,
+    },
     /// The client cannot go on; `reason` is meant for the operator.
     Failed { reason: String },
-    /// The filesystem's reply to the INIT request, to be written to /dev/fuse.
+    /// The filesystem's reply to the INIT request, to be written to /dev/fuse (first
+    /// mount) or compared with the one the kernel got (successor: it must be identical).
     InitReply { reply: Vec<u8> },
     /// Answer to `Shutdown`: `error` says what could not be flushed or closed.
     ShutdownDone { error: Option<String> },
     /// Unsolicited: the FUSE connection ended (the mount was removed by somebody else);
     /// the client has flushed and waits for `Shutdown`. `error` as in `ShutdownDone`.
     SessionEnded { error: Option<String> },
+    /// Answer to `PreFlush`.
+    PreFlushed { error: Option<String> },
+    /// Old client: a piece of its exported state, after `Freeze`.
+    State(StateChunk),
+    /// Old client: frozen, every state chunk sent. `parked`: requests read and held
+    /// unexecuted (resend mode); `drained`: requests finished after the freeze (drain).
+    Frozen { parked: u32, drained: u32 },
+    /// Old client: could not freeze (e.g. flushing failed); it serves on.
+    FreezeFailed { reason: String },
+    /// Answer to `Thaw`: serving again.
+    Thawed,
+    /// Successor: its first request after `Serve` was answered, at this CLOCK_MONOTONIC
+    /// time (nanoseconds; same clock as the supervisor's, same host).
+    FirstServed { monotonic_ns: u64 },
 }
 
 impl WireMessage for ToClient {
     fn fd_count(&self) -> usize {
         match self {
             ToClient::Init { .. } => 1,
-            ToClient::Start { .. } | ToClient::Serve | ToClient::Shutdown => 0,
+            ToClient::Start { .. }
+            | ToClient::Serve
+            | ToClient::Shutdown
+            | ToClient::PreFlush
+            | ToClient::Freeze { .. }
+            | ToClient::Thaw
+            | ToClient::Commit
+            | ToClient::State(_) => 0,
         }
     }
 }
@@ -115,7 +227,13 @@ impl WireMessage for ToSupervisor {
             | ToSupervisor::Failed { .. }
             | ToSupervisor::InitReply { .. }
             | ToSupervisor::ShutdownDone { .. }
-            | ToSupervisor::SessionEnded { .. } => 0,
+            | ToSupervisor::SessionEnded { .. }
+            | ToSupervisor::PreFlushed { .. }
+            | ToSupervisor::State(_)
+            | ToSupervisor::Frozen { .. }
+            | ToSupervisor::FreezeFailed { .. }
+            | ToSupervisor::Thawed
+            | ToSupervisor::FirstServed { .. } => 0,
         }
     }
 }

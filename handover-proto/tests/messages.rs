@@ -1,15 +1,20 @@
-//! Public API tests: every message round-trips through a real socketpair; bytes from a
-//! broken or hostile peer become typed errors, never a panic.
+//! Public API tests: every message of every type round-trips, through a real socketpair
+//! where descriptors are involved; descriptor counts are checked on both sides. Hostile
+//! bytes are the subject of `robustness.rs`.
+
+mod common;
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
 use std::time::Duration;
 
+use common::*;
+use handover_proto::WireMessage;
 use handover_proto::channel::{self, RecvError, SendError, decode_frame, encode_frame};
-use handover_proto::control::{ControlRequest, ControlResponse, MountStatus};
+use handover_proto::control::{ControlRequest, ControlResponse};
 use handover_proto::fdpass;
-use handover_proto::frame::{self, FrameError, MAX_PAYLOAD};
-use handover_proto::message::{Generation, MountSpec, ToClient, ToSupervisor};
+use handover_proto::frame::{FrameError, MAX_PAYLOAD};
+use handover_proto::message::{StateChunk, ToClient, ToSupervisor};
+use handover_proto::state::CHUNK_BYTES;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use proptest::prelude::*;
 
@@ -23,184 +28,105 @@ fn pair() -> (OwnedFd, OwnedFd) {
     .expect("socketpair")
 }
 
-fn spec() -> impl Strategy<Value = MountSpec> {
-    (
-        ".{0,20}",
-        ".{0,40}",
-        "/[a-z/]{0,30}",
-        any::<u32>(),
-        any::<u64>(),
-        any::<u64>(),
-        proptest::option::of("/[a-z]{0,10}"),
-        any::<u64>(),
-    )
-        .prop_map(
-            |(volume, meta_url, mp, threads, attr, entry, cache_dir, cache_bytes)| MountSpec {
-                volume,
-                meta_url,
-                mountpoint: PathBuf::from(mp),
-                home: PathBuf::from("/var/lib/baton"),
-                threads,
-                attr_ttl_ms: attr,
-                entry_ttl_ms: entry,
-                cache_dir: cache_dir.map(PathBuf::from),
-                cache_bytes,
-            },
-        )
+/// Sends `msg` over a fresh socketpair with as many descriptors as it carries, and
+/// returns what arrived.
+fn over_a_socket<M: WireMessage + Clone>(msg: &M) -> (M, usize) {
+    let (a, b) = pair();
+    let (spare, _other) = pair();
+    let fds = vec![spare.as_fd(); msg.fd_count()];
+    channel::send(a.as_fd(), msg, &fds).expect("send");
+    let (got, got_fds) = channel::recv::<M>(b.as_fd(), Some(Duration::from_secs(5))).expect("recv");
+    (got, got_fds.len())
 }
 
-fn to_client() -> impl Strategy<Value = ToClient> {
-    prop_oneof![
-        (any::<u64>(), spec()).prop_map(|(g, spec)| ToClient::Start {
-            generation: Generation(g),
-            spec
-        }),
-        proptest::collection::vec(any::<u8>(), 0..300)
-            .prop_map(|request| ToClient::Init { request }),
-        Just(ToClient::Serve),
-        Just(ToClient::Shutdown),
-    ]
-}
-
-fn to_supervisor() -> impl Strategy<Value = ToSupervisor> {
-    prop_oneof![
-        (any::<u32>(), ".{0,20}")
-            .prop_map(|(pid, version)| ToSupervisor::Prepared { pid, version }),
-        ".{0,200}".prop_map(|reason| ToSupervisor::Failed { reason }),
-        proptest::collection::vec(any::<u8>(), 0..300)
-            .prop_map(|reply| ToSupervisor::InitReply { reply }),
-        proptest::option::of(".{0,50}").prop_map(|error| ToSupervisor::ShutdownDone { error }),
-        proptest::option::of(".{0,50}").prop_map(|error| ToSupervisor::SessionEnded { error }),
-    ]
-}
-
-fn control_response() -> impl Strategy<Value = ControlResponse> {
-    prop_oneof![
-        proptest::option::of(".{0,50}")
-            .prop_map(|flush_error| ControlResponse::Umounted { flush_error }),
-        Just(ControlResponse::Busy),
-        (any::<u64>(), any::<u32>(), any::<u64>()).prop_map(|(g, pid, up)| {
-            ControlResponse::Status(MountStatus {
-                mountpoint: PathBuf::from("/mnt/x"),
-                volume: "default".into(),
-                meta_url: "redb:///m".into(),
-                supervisor_pid: pid,
-                generation: Generation(g),
-                client_pid: pid.wrapping_add(1),
-                client_version: "0.1.0".into(),
-                uptime_ms: up,
-                fuse_minor: 45,
-                max_write: 1 << 20,
-            })
-        }),
-        ".{0,50}".prop_map(|message| ControlResponse::Error { message }),
-    ]
+#[test]
+fn strategies_cover_every_variant() {
+    assert_eq!(
+        names_drawn(to_client(), to_client_name, 500),
+        TO_CLIENT.iter().copied().collect()
+    );
+    assert_eq!(
+        names_drawn(to_supervisor(), to_supervisor_name, 500),
+        TO_SUPERVISOR.iter().copied().collect()
+    );
+    assert_eq!(
+        names_drawn(control_request(), control_request_name, 200),
+        CONTROL_REQUEST.iter().copied().collect()
+    );
+    assert_eq!(
+        names_drawn(control_response(), control_response_name, 300),
+        CONTROL_RESPONSE.iter().copied().collect()
+    );
+    assert_eq!(
+        names_drawn(client_state(), client_state_name, 20),
+        CLIENT_STATE.iter().copied().collect()
+    );
 }
 
 proptest! {
     #[test]
     fn to_client_roundtrips_over_a_socket(msg in to_client()) {
-        let (a, b) = pair();
-        let (keep, _other) = pair();
-        let fds = if matches!(msg, ToClient::Init { .. }) { vec![keep.as_fd()] } else { vec![] };
-        channel::send(a.as_fd(), &msg, &fds).expect("send");
-        let (got, got_fds) = channel::recv::<ToClient>(b.as_fd(), Some(Duration::from_secs(5))).expect("recv");
-        prop_assert_eq!(got_fds.len(), fds.len());
+        let (got, fds) = over_a_socket(&msg);
+        prop_assert_eq!(fds, msg.fd_count());
         prop_assert_eq!(got, msg);
     }
 
     #[test]
     fn to_supervisor_roundtrips_over_a_socket(msg in to_supervisor()) {
-        let (a, b) = pair();
-        channel::send(a.as_fd(), &msg, &[]).expect("send");
-        let (got, fds) = channel::recv::<ToSupervisor>(b.as_fd(), None).expect("recv");
-        prop_assert!(fds.is_empty());
+        let (got, fds) = over_a_socket(&msg);
+        prop_assert_eq!(fds, 0);
         prop_assert_eq!(got, msg);
     }
 
     #[test]
-    fn control_roundtrips(resp in control_response(), lazy in any::<bool>()) {
-        let bytes = encode_frame(&resp).expect("encode");
-        prop_assert_eq!(decode_frame::<ControlResponse>(&bytes).expect("decode"), resp);
-        let req = if lazy { ControlRequest::Umount { lazy } } else { ControlRequest::Status };
-        let bytes = encode_frame(&req).expect("encode");
-        prop_assert_eq!(decode_frame::<ControlRequest>(&bytes).expect("decode"), req);
+    fn control_request_roundtrips_over_a_socket(msg in control_request()) {
+        let (got, fds) = over_a_socket(&msg);
+        prop_assert_eq!(fds, 0);
+        prop_assert_eq!(got, msg);
     }
 
     #[test]
-    fn random_bytes_are_typed_errors(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        prop_assert!(decode_frame::<ToClient>(&bytes).is_err());
-        prop_assert!(decode_frame::<ToSupervisor>(&bytes).is_err());
-        prop_assert!(decode_frame::<ControlRequest>(&bytes).is_err());
+    fn control_response_roundtrips_over_a_socket(msg in control_response()) {
+        let (got, fds) = over_a_socket(&msg);
+        prop_assert_eq!(fds, 0);
+        prop_assert_eq!(got, msg);
     }
 
     #[test]
-    fn random_payload_in_a_valid_frame_never_panics(payload in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let bytes = frame::encode(&payload).expect("frame");
-        // May or may not decode (small payloads can be valid messages); must not panic.
-        let _ = decode_frame::<ToClient>(&bytes);
-        let _ = decode_frame::<ToSupervisor>(&bytes);
-        let _ = decode_frame::<ControlResponse>(&bytes);
-    }
-
-    #[test]
-    fn every_truncation_is_an_error(msg in to_client(), cut in any::<prop::sample::Index>()) {
-        let bytes = encode_frame(&msg).expect("encode");
-        let cut = cut.index(bytes.len());
-        prop_assert!(decode_frame::<ToClient>(&bytes[..cut]).is_err());
+    fn frames_roundtrip_without_a_socket(
+        c in to_client(),
+        s in to_supervisor(),
+        q in control_request(),
+        r in control_response(),
+    ) {
+        prop_assert_eq!(decode_frame::<ToClient>(&encode_frame(&c).expect("encode")).expect("decode"), c);
+        prop_assert_eq!(decode_frame::<ToSupervisor>(&encode_frame(&s).expect("encode")).expect("decode"), s);
+        prop_assert_eq!(decode_frame::<ControlRequest>(&encode_frame(&q).expect("encode")).expect("decode"), q);
+        prop_assert_eq!(decode_frame::<ControlResponse>(&encode_frame(&r).expect("encode")).expect("decode"), r);
     }
 }
 
 #[test]
-fn specific_corruptions_give_specific_errors() {
-    let msg = ToClient::Init {
-        request: vec![1, 2, 3, 4],
+fn only_init_carries_a_descriptor() {
+    for msg in draw(to_client(), 300) {
+        let expected = usize::from(to_client_name(&msg) == "Init");
+        assert_eq!(msg.fd_count(), expected, "{msg:?}");
+    }
+}
+
+/// The largest state chunk travels in one frame, in both directions, over a socket.
+#[test]
+fn a_full_state_chunk_fits_in_a_frame() {
+    let chunk = StateChunk {
+        index: u32::MAX - 1,
+        total: u32::MAX,
+        data: vec![0xa5; CHUNK_BYTES],
     };
-    let good = encode_frame(&msg).expect("encode");
-
-    let mut bad = good.clone();
-    bad[..4].copy_from_slice(b"JUNK");
-    assert!(matches!(
-        decode_frame::<ToClient>(&bad),
-        Err(RecvError::Frame(FrameError::BadMagic { .. }))
-    ));
-
-    let mut bad = good.clone();
-    bad[4] = 7;
-    assert!(matches!(
-        decode_frame::<ToClient>(&bad),
-        Err(RecvError::Frame(FrameError::UnsupportedVersion {
-            major: 7,
-            ..
-        }))
-    ));
-
-    let mut bad = good.clone();
-    let last = bad.len() - 1;
-    bad[last] ^= 0xff;
-    assert!(matches!(
-        decode_frame::<ToClient>(&bad),
-        Err(RecvError::Frame(FrameError::BadCrc { .. }))
-    ));
-
-    let mut bad = good.clone();
-    bad[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert!(matches!(
-        decode_frame::<ToClient>(&bad),
-        Err(RecvError::Frame(FrameError::Oversized { .. }))
-    ));
-
-    assert!(matches!(
-        decode_frame::<ToClient>(&good[..10]),
-        Err(RecvError::Frame(FrameError::Short { .. }))
-    ));
-
-    // A valid frame whose payload names a variant that does not exist.
-    let unknown = frame::encode(&[200]).expect("frame");
-    assert!(matches!(
-        decode_frame::<ToClient>(&unknown),
-        Err(RecvError::Decode(_))
-    ));
+    let to_new = ToClient::State(chunk.clone());
+    let from_old = ToSupervisor::State(chunk);
+    assert!(encode_frame(&to_new).expect("fits").len() < MAX_PAYLOAD);
+    assert_eq!(over_a_socket(&to_new).0, to_new);
+    assert_eq!(over_a_socket(&from_old).0, from_old);
 }
 
 #[test]
@@ -211,6 +137,15 @@ fn oversized_message_is_refused_by_the_sender() {
     };
     assert!(matches!(
         channel::send(a.as_fd(), &msg, &[]),
+        Err(SendError::Frame(FrameError::Oversized { .. }))
+    ));
+    let msg = ToClient::State(StateChunk {
+        index: 0,
+        total: 1,
+        data: vec![0; MAX_PAYLOAD],
+    });
+    assert!(matches!(
+        encode_frame(&msg),
         Err(SendError::Frame(FrameError::Oversized { .. }))
     ));
 }
@@ -243,11 +178,31 @@ fn fd_count_is_checked_on_both_sides() {
         })
     ));
 
-    // And one that attaches a descriptor to a message that carries none.
+    // And one that attaches a descriptor to a message that carries none, in each type.
     let bytes = encode_frame(&ToClient::Serve).expect("encode");
     fdpass::send(a.as_fd(), &bytes, &[a.as_fd()]).expect("raw send");
     assert!(matches!(
         channel::recv::<ToClient>(b.as_fd(), None),
+        Err(RecvError::FdCount {
+            expected: 0,
+            got: 1,
+            ..
+        })
+    ));
+    let bytes = encode_frame(&ToSupervisor::Thawed).expect("encode");
+    fdpass::send(a.as_fd(), &bytes, &[a.as_fd()]).expect("raw send");
+    assert!(matches!(
+        channel::recv::<ToSupervisor>(b.as_fd(), None),
+        Err(RecvError::FdCount {
+            expected: 0,
+            got: 1,
+            ..
+        })
+    ));
+    let bytes = encode_frame(&ControlRequest::Status).expect("encode");
+    fdpass::send(a.as_fd(), &bytes, &[a.as_fd()]).expect("raw send");
+    assert!(matches!(
+        channel::recv::<ControlRequest>(b.as_fd(), None),
         Err(RecvError::FdCount {
             expected: 0,
             got: 1,

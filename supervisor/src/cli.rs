@@ -46,6 +46,10 @@ pub enum Command {
     Umount(UmountArgs),
     /// Show the state of Baton mounts.
     Status(StatusArgs),
+    /// Replace a mount's client by a new process (another build, or the same one) without
+    /// unmounting. Exit status: 0 upgraded, 3 rolled back (the old client serves on),
+    /// 1 error.
+    Upgrade(UpgradeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -110,6 +114,9 @@ pub struct MountArgs {
     /// Block cache size bound, in MiB.
     #[arg(long, default_value_t = 1024)]
     pub cache_size: u64,
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9567).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -124,4 +131,39 @@ pub struct UmountArgs {
 pub struct StatusArgs {
     /// The mount to report on [default: every Baton mount].
     pub mountpoint: Option<PathBuf>,
+    /// Print JSON: one object for a mountpoint, an array without one.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    pub mountpoint: PathBuf,
+    /// The new client binary [default: the serving client's binary].
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+    /// Bound on everything before the commit, in seconds; past it the upgrade rolls back.
+    #[arg(long, default_value = "30", value_parser = parse_positive_secs)]
+    pub timeout: Duration,
+    /// Drain (the old client finishes every request it read) even where the kernel could
+    /// resend parked requests.
+    #[arg(long)]
+    pub drain: bool,
+    /// Block cache directory of the new client [default: unchanged].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Block cache size bound of the new client, in MiB [default: unchanged].
+    #[arg(long)]
+    pub cache_size: Option<u64>,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_positive_secs(s: &str) -> Result<Duration, String> {
+    let d = parse_secs(s)?;
+    if d.is_zero() {
+        return Err("the timeout must be more than 0 seconds".into());
+    }
+    Ok(d)
 }

@@ -11,6 +11,7 @@ use supervisor::background::{self, Readiness};
 use supervisor::format::{self, FormatOptions};
 use supervisor::home::Home;
 use supervisor::supervise::{self, LogFormat, MountOptions};
+use supervisor::upgrade::command::{self as upgrade_cmd, UpgradeCommand};
 use supervisor::{status, umount};
 
 use cli::{Cli, Command};
@@ -42,7 +43,7 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format.into(), default_level);
     let home = Home::from_env();
     match run(cli, &home, readiness) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("baton: {e:#}");
             ExitCode::FAILURE
@@ -50,7 +51,34 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli, home: &Home, readiness: Option<Readiness>) -> anyhow::Result<()> {
+fn run(cli: Cli, home: &Home, readiness: Option<Readiness>) -> anyhow::Result<ExitCode> {
+    if let Command::Upgrade(a) = cli.command {
+        let cmd = UpgradeCommand {
+            mountpoint: a.mountpoint.clone(),
+            binary: a.binary,
+            timeout: a.timeout,
+            force_drain: a.drain,
+            cache_dir: a.cache_dir,
+            cache_bytes: a.cache_size.map(|mib| mib << 20),
+        };
+        let answer = upgrade_cmd::upgrade(home, &cmd)?;
+        if a.json {
+            println!("{}", upgrade_cmd::to_json(&answer));
+        } else {
+            print!("{}", upgrade_cmd::render(&a.mountpoint, &answer));
+        }
+        if let upgrade_cmd::UpgradeAnswer::RolledBack(r) = &answer {
+            eprintln!(
+                "baton: the upgrade rolled back: {}",
+                r.reason.as_deref().unwrap_or("unknown reason")
+            );
+        }
+        return Ok(ExitCode::from(answer.exit_code()));
+    }
+    run_other(cli, home, readiness).map(|()| ExitCode::SUCCESS)
+}
+
+fn run_other(cli: Cli, home: &Home, readiness: Option<Readiness>) -> anyhow::Result<()> {
     match cli.command {
         Command::Format(a) => {
             let opts = FormatOptions {
@@ -93,6 +121,7 @@ fn run(cli: Cli, home: &Home, readiness: Option<Readiness>) -> anyhow::Result<()
                 cache_dir: a.cache_dir,
                 cache_bytes: a.cache_size.saturating_mul(1 << 20),
                 log_format: cli.log_format.into(),
+                metrics: a.metrics,
             };
             let mut readiness = readiness;
             let result = supervise::run(home, &opts, |_| {
@@ -119,17 +148,31 @@ fn run(cli: Cli, home: &Home, readiness: Option<Readiness>) -> anyhow::Result<()
         }
         Command::Status(a) => {
             match a.mountpoint {
-                Some(mp) => print!("{}", status::render(&status::status(home, &mp)?)),
+                Some(mp) => {
+                    let s = status::status(home, &mp)?;
+                    if a.json {
+                        println!("{}", status::to_json(&s));
+                    } else {
+                        print!("{}", status::render(&s));
+                    }
+                }
                 None => {
+                    let mut all = Vec::new();
                     for s in status::status_all(home)? {
                         match s {
+                            Ok(s) if a.json => all.push(status::to_json(&s)),
                             Ok(s) => print!("{}", status::render(&s)),
                             Err(e) => eprintln!("baton: {:#}", anyhow::Error::from(e)),
                         }
+                    }
+                    if a.json {
+                        println!("{}", serde_json::Value::Array(all));
                     }
                 }
             }
             Ok(())
         }
+        // Answered by `run`, which needs the exit status.
+        Command::Upgrade(_) => Ok(()),
     }
 }

@@ -139,6 +139,13 @@ pub fn write_reply(fuse: BorrowedFd<'_>, reply: &[u8]) -> Result<(), Errno> {
     }
 }
 
+/// Writes FUSE_NOTIFY_RESEND: the kernel moves every request a client read and did not
+/// answer back to the head of its pending queue. Only when no client reads (DESIGN.md §1):
+/// written while a client reads, it makes that client's requests run twice.
+pub fn notify_resend(fuse: BorrowedFd<'_>) -> Result<(), Errno> {
+    write_reply(fuse, &fuse_init::notify_resend())
+}
+
 /// Fails the INIT request `unique` with `errno`, so that nothing waits on a connection
 /// that will never be served.
 pub fn fail_init(fuse: BorrowedFd<'_>, unique: u64, errno: i32) -> Result<(), Errno> {

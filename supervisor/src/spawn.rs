@@ -6,7 +6,7 @@
 //! on the supervisor's terminal reaches the supervisor only; the supervisor then stops
 //! the client in order.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -34,6 +34,8 @@ pub enum SpawnError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot watch the client process (pidfd_open)")]
+    Pidfd(#[source] std::io::Error),
 }
 
 /// `baton-fs` next to the running executable.
@@ -64,7 +66,22 @@ pub fn inherit_fd(cmd: &mut Command, fd: RawFd) {
 pub struct ClientProcess {
     child: Child,
     channel: OwnedFd,
+    /// Readable once the process has exited (pidfd_open(2)): exits are events of the
+    /// supervisor's poll loop, distinct from the channel closing.
+    pidfd: OwnedFd,
     exited: Option<ExitStatus>,
+}
+
+/// `pidfd_open(pid, 0)`: a close-on-exec descriptor that becomes readable when `pid` exits.
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers and returns a new descriptor or -1; no memory
+    // is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the syscall just returned this new descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 impl ClientProcess {
@@ -91,12 +108,46 @@ impl ClientProcess {
             source,
         })?;
         drop(theirs);
+        let mut child = child;
+        let pidfd = match pidfd_open(child.id()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SpawnError::Pidfd(e));
+            }
+        };
         tracing::info!(pid = child.id(), binary = %binary.display(), "client started");
         Ok(ClientProcess {
             child,
             channel: ours,
+            pidfd,
             exited: None,
         })
+    }
+
+    /// Readable once the process has exited.
+    pub fn pidfd(&self) -> &OwnedFd {
+        &self.pidfd
+    }
+
+    /// Sends SIGKILL (without waiting: the exit is seen on [`ClientProcess::pidfd`]).
+    pub fn kill(&mut self) {
+        if self.exited.is_none() {
+            if let Err(e) = self.child.kill() {
+                tracing::warn!(pid = self.child.id(), error = %e, "cannot kill the client");
+            }
+        }
+    }
+
+    /// The exit status if the process has exited (reaping it), `None` if it runs.
+    pub fn try_reap(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        if let Some(s) = self.exited {
+            return Ok(Some(s));
+        }
+        let s = self.child.try_wait()?;
+        self.exited = s;
+        Ok(s)
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,4 +1,4 @@
-//! `baton status [MOUNTPOINT]`: ask supervisors how their mounts are.
+//! `baton status [MOUNTPOINT] [--json]`: ask supervisors how their mounts are.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -51,11 +51,53 @@ pub fn status_all(home: &Home) -> Result<Vec<Result<MountStatus, StatusError>>, 
         .collect())
 }
 
+/// Microseconds as milliseconds with microsecond precision (`1.234 ms`).
+pub fn millis(us: u64) -> String {
+    format!("{}.{:03} ms", us / 1000, us % 1000)
+}
+
+/// One mount as a JSON object whose keys are the fields of [`MountStatus`].
+pub fn to_json(s: &MountStatus) -> serde_json::Value {
+    serde_json::json!({
+        "mountpoint": s.mountpoint.display().to_string(),
+        "volume": s.volume,
+        "meta_url": s.meta_url,
+        "supervisor_pid": s.supervisor_pid,
+        "generation": s.generation.0,
+        "client_pid": s.client_pid,
+        "client_version": s.client_version,
+        "uptime_ms": s.uptime_ms,
+        "fuse_minor": s.fuse_minor,
+        "max_write": s.max_write,
+        "resend": s.resend,
+        "upgrades": s.upgrades,
+        "rollbacks": s.rollbacks,
+        "restarts": s.restarts,
+        "last_pause_us": s.last_pause_us,
+        "last_rollback": s.last_rollback,
+    })
+}
+
 /// One human-readable block per mount.
 pub fn render(s: &MountStatus) -> String {
     let up = Duration::from_millis(s.uptime_ms).as_secs();
+    let resend = if s.resend {
+        "resend available"
+    } else {
+        "no resend: upgrades drain"
+    };
+    let pause = s
+        .last_pause_us
+        .map_or_else(String::new, |p| format!(", last pause {}", millis(p)));
+    let rollback = s
+        .last_rollback
+        .as_ref()
+        .map_or_else(String::new, |r| format!("  last rollback: {r}\n"));
     format!(
-        "{mp}\n  volume:     {vol} ({meta})\n  supervisor: pid {sp}, up {h}h{m:02}m{sec:02}s\n  client:     generation {g}, pid {cp}, version {v}\n  fuse:       ABI 7.{minor}, max_write {mw}\n",
+        "{mp}\n  volume:     {vol} ({meta})\n  supervisor: pid {sp}, up {h}h{m:02}m{sec:02}s\n  client:     generation {g}, pid {cp}, version {v}\n  fuse:       ABI 7.{minor}, max_write {mw}, {resend}\n  upgrades:   {ups} done, {rbs} rolled back, {rs} client restarts{pause}\n{rollback}",
+        ups = s.upgrades,
+        rbs = s.rollbacks,
+        rs = s.restarts,
         mp = s.mountpoint.display(),
         vol = s.volume,
         meta = s.meta_url,

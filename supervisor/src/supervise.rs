@@ -8,15 +8,19 @@
 //! open /dev/fuse, mount(2), read INIT
 //! Init + fd ---------------------> InitReply  failure: INIT answered with EIO, unmounted
 //! check reply, write it to /dev/fuse, Serve   the mount serves; readiness is signalled
-//! loop: SIGTERM/SIGINT/SIGHUP   -> lazy umount, Shutdown, reap, exit 0
+//! upgrade::driver::Driver::run                 the event loop, upgrades and restarts:
+//!       SIGTERM/SIGINT/SIGHUP   -> (an upgrade rolls back first) lazy umount, Shutdown
 //!       `baton umount` (control) -> umount (busy: answer Busy, keep serving), Shutdown...
+//!       `baton upgrade`          -> live upgrade (upgrade::machine)
 //!       client's SessionEnded   -> (unmounted from outside) Shutdown, reap, exit 0
-//!       client exits             -> lazy umount, exit non-zero (restarts: a later issue)
+//!       serving client exits    -> restarted from the handed-over state right after an
+//!                                  upgrade; otherwise lazy umount, exit non-zero
 //! ```
 //!
 //! The supervisor keeps its /dev/fuse descriptor until it exits: the connection lives as
 //! long as it does, whatever happens to the client.
 
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -24,19 +28,21 @@ use std::time::{Duration, Instant};
 
 use fsclient::meta::{self, MetaError};
 use handover_proto::channel::{self, RecvError, SendError};
-use handover_proto::control::{ControlRequest, ControlResponse, MountStatus};
 use handover_proto::fuse_init::{InitError, InitReply};
-use handover_proto::message::{Generation, MountSpec, ToClient, ToSupervisor};
+use handover_proto::message::{Generation, Hello, MountSpec, ToClient, ToSupervisor};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use crate::control::{BindError, ControlConn, ControlServer};
+use crate::control::{BindError, ControlServer};
 use crate::format::{self, FormatError, FormatOptions};
 use crate::home::{DEFAULT_VOLUME, Home};
+use crate::metrics::{MetricsError, MetricsServer};
 use crate::mount::{self, MountError, ReadInitError, UmountError};
 use crate::spawn::{self, ClientProcess, SpawnError};
+use crate::upgrade::driver::{Driver, DriverParts, MountFacts};
+use crate::upgrade::{ClientInfo, Timings};
 
 /// How long the client may take to open the volume (object storage may be remote).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -44,8 +50,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 const KERNEL_INIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the client may take to answer INIT through the relay.
 const INIT_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the client may take to flush and close after `Shutdown`.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a client may take to close its volume when a mount is abandoned during
 /// start-up.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -83,6 +87,8 @@ pub struct MountOptions {
     pub cache_dir: Option<PathBuf>,
     pub cache_bytes: u64,
     pub log_format: LogFormat,
+    /// Serve Prometheus metrics over HTTP on this address.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `baton mount` failed. Variants before `Mount` leave nothing mounted.
@@ -153,8 +159,10 @@ pub enum SuperviseError {
     BadInitReply(#[source] InitError),
     #[error("the kernel refused the INIT reply")]
     WriteInitReply(#[source] Errno),
-    #[error("the client exited unexpectedly ({status}); the mount was detached")]
-    ClientDied { status: String },
+    #[error("{reason}; the mount was detached")]
+    Lost { reason: String },
+    #[error("cannot serve metrics")]
+    Metrics(#[source] MetricsError),
     #[error("cannot unmount")]
     Unmount(#[source] UmountError),
     #[error("unmounted, but the client could not flush or close cleanly: {0}")]
@@ -268,11 +276,9 @@ struct Supervisor {
     signals: SignalFd,
     client: ClientProcess,
     client_version: String,
+    client_hello: Hello,
+    client_session: u64,
     generation: Generation,
-    /// The supervisor's own descriptor of the FUSE connection.
-    fuse: Option<OwnedFd>,
-    /// What the kernel and the first client agreed on, which a successor must reproduce.
-    negotiated: Option<Negotiated>,
     started: Instant,
 }
 
@@ -280,19 +286,10 @@ struct Supervisor {
 #[derive(Clone, Debug)]
 struct Negotiated {
     /// The kernel's FUSE_INIT request (a successor's relay replays it).
-    #[allow(dead_code)] // Read by the live-upgrade work (takeover replays it).
     request: Vec<u8>,
     /// The reply that reached the kernel (a successor's must be identical).
-    #[allow(dead_code)] // Read by the live-upgrade work (takeover compares it).
     reply: Vec<u8>,
     params: InitReply,
-}
-
-/// What woke the event loop.
-enum Wake {
-    Signal(Signal),
-    Control,
-    Client,
 }
 
 fn describe(status: std::io::Result<ExitStatus>) -> String {
@@ -411,39 +408,36 @@ impl Supervisor {
         if let Err(e) = mount::umount(&self.target.mountpoint, true) {
             tracing::warn!(error = %fsclient::client::error_chain(&e), "cannot detach the failed mount");
         }
-        self.fuse = None;
         self.stop_client(ABORT_TIMEOUT);
     }
 
-    fn status(&self) -> MountStatus {
-        MountStatus {
-            mountpoint: self.target.mountpoint.clone(),
-            volume: self.target.volume.clone(),
-            meta_url: self.target.meta_url.clone(),
-            supervisor_pid: std::process::id(),
-            generation: self.generation,
-            client_pid: self.client.pid(),
-            client_version: self.client_version.clone(),
-            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            fuse_minor: self.negotiated.as_ref().map_or(0, |n| n.params.minor),
-            max_write: self.negotiated.as_ref().map_or(0, |n| n.params.max_write),
-        }
-    }
-
-    /// Start, mount, INIT relay, Serve.
-    fn start(&mut self, spec: MountSpec) -> Result<(), SuperviseError> {
+    /// Start, mount, INIT relay, Serve. Returns the supervisor's own descriptor of the
+    /// FUSE connection and what the kernel and the first client agreed on (which a
+    /// successor must reproduce).
+    fn start(&mut self, spec: MountSpec) -> Result<(OwnedFd, Negotiated), SuperviseError> {
         self.send(
             "Start",
             &ToClient::Start {
                 generation: self.generation,
                 spec,
+                resume_session: None,
             },
             &[],
         )?;
         match self.wait_client("Prepared", START_TIMEOUT) {
-            Ok((ToSupervisor::Prepared { pid, version }, _)) => {
-                tracing::info!(pid, %version, "client prepared the volume");
+            Ok((
+                ToSupervisor::Prepared {
+                    pid,
+                    version,
+                    hello,
+                    session,
+                },
+                _,
+            )) => {
+                tracing::info!(pid, %version, ?hello, session, "client prepared the volume");
                 self.client_version = version;
+                self.client_hello = hello;
+                self.client_session = session;
             }
             Ok((ToSupervisor::Failed { reason }, _)) => {
                 self.client.reap(EXIT_TIMEOUT).ok();
@@ -534,157 +528,17 @@ impl Supervisor {
             flags = format_args!("{:#x}", negotiated.flags),
             "FUSE connection initialized"
         );
-        self.fuse = Some(fuse);
-        self.negotiated = Some(Negotiated {
+        let negotiated = Negotiated {
             request: init.bytes,
             reply,
             params: negotiated,
-        });
+        };
         if let Err(e) = self.send("Serve", &ToClient::Serve, &[]) {
             // The kernel has its reply; without a client nobody serves: detach.
             self.abort_mounted();
             return Err(e);
         }
-        Ok(())
-    }
-
-    /// Serves control requests and watches signals and the client until the mount ends.
-    fn run(&mut self) -> Result<(), SuperviseError> {
-        loop {
-            let wake = self.wait()?;
-            match wake {
-                Wake::Signal(sig) => {
-                    tracing::info!(signal = %sig, "stopping: detaching the mount");
-                    match mount::umount(&self.target.mountpoint, true) {
-                        Ok(()) | Err(UmountError::NotMounted(_)) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %fsclient::client::error_chain(&e), "cannot detach the mount")
-                        }
-                    }
-                    return self.finish();
-                }
-                Wake::Control => {
-                    let conn = match self.control.accept() {
-                        Ok(Some(c)) => c,
-                        Ok(None) => continue,
-                        Err(e) => {
-                            tracing::warn!(error = %fsclient::client::error_chain(&e), "control connection refused");
-                            continue;
-                        }
-                    };
-                    if let Some(result) = self.handle_control(&conn) {
-                        return result;
-                    }
-                }
-                Wake::Client => {
-                    match channel::recv::<ToSupervisor>(self.client.channel().as_fd(), None) {
-                        Ok((ToSupervisor::SessionEnded { error }, _)) => {
-                            tracing::info!(
-                                "the FUSE connection ended: the mount was removed outside baton"
-                            );
-                            if let Some(e) = error {
-                                tracing::warn!(error = %e, "the client reported a flush error");
-                            }
-                            return self.finish();
-                        }
-                        Ok((other, _)) => {
-                            tracing::warn!(message = %short(&other), "ignoring an unexpected message from the client");
-                        }
-                        Err(e) => {
-                            if !e.is_closed() {
-                                tracing::error!(error = %fsclient::client::error_chain(&e), "the client channel broke");
-                            }
-                            let status = describe(self.client.reap(EXIT_TIMEOUT));
-                            tracing::error!(
-                                %status,
-                                "the client exited unexpectedly; detaching the mount (automatic restart is not built yet)"
-                            );
-                            let _ = mount::umount(&self.target.mountpoint, true);
-                            return Err(SuperviseError::ClientDied { status });
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn wait(&mut self) -> Result<Wake, SuperviseError> {
-        loop {
-            let mut fds = [
-                PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.control.fd(), PollFlags::POLLIN),
-                PollFd::new(self.client.channel().as_fd(), PollFlags::POLLIN),
-            ];
-            match nix::poll::poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => {}
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(SuperviseError::Poll(e)),
-            }
-            if fds[0].any().unwrap_or(false) {
-                if let Some(sig) = read_signal(&self.signals) {
-                    return Ok(Wake::Signal(sig));
-                }
-            }
-            if fds[2].any().unwrap_or(false) {
-                return Ok(Wake::Client);
-            }
-            if fds[1].any().unwrap_or(false) {
-                return Ok(Wake::Control);
-            }
-        }
-    }
-
-    /// Handles one control request; `Some` ends the loop with that result.
-    fn handle_control(&mut self, conn: &ControlConn) -> Option<Result<(), SuperviseError>> {
-        let request = match conn.recv_request() {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %fsclient::client::error_chain(&e), "bad control request");
-                return None;
-            }
-        };
-        tracing::info!(?request, uid = conn.uid, pid = conn.pid, "control request");
-        let (response, end) = match request {
-            ControlRequest::Status => (ControlResponse::Status(self.status()), None),
-            ControlRequest::Umount { lazy } => match mount::umount(&self.target.mountpoint, lazy) {
-                Err(UmountError::Busy(_)) => {
-                    tracing::info!("umount refused: the mount is busy; still serving");
-                    (ControlResponse::Busy, None)
-                }
-                Err(e @ UmountError::Failed { .. }) => (
-                    ControlResponse::Error {
-                        message: fsclient::client::error_chain(&e),
-                    },
-                    None,
-                ),
-                Ok(()) | Err(UmountError::NotMounted(_)) => {
-                    tracing::info!(lazy, "unmounted on request");
-                    let flush_error = self.stop_client(SHUTDOWN_TIMEOUT);
-                    let result = match &flush_error {
-                        None => Ok(()),
-                        Some(e) => Err(SuperviseError::Flush(e.clone())),
-                    };
-                    (ControlResponse::Umounted { flush_error }, Some(result))
-                }
-            },
-        };
-        if let Err(e) = conn.respond(&response) {
-            tracing::warn!(error = %fsclient::client::error_chain(&e), "cannot answer the control request");
-        }
-        end
-    }
-
-    /// The mount is gone or detached: stop the client and end.
-    fn finish(&mut self) -> Result<(), SuperviseError> {
-        let flush = self.stop_client(SHUTDOWN_TIMEOUT);
-        self.fuse = None;
-        match flush {
-            None => {
-                tracing::info!("stopped cleanly");
-                Ok(())
-            }
-            Some(e) => Err(SuperviseError::Flush(e)),
-        }
+        Ok((fuse, negotiated))
     }
 }
 
@@ -715,9 +569,12 @@ pub fn run(
         signals,
         client,
         client_version: String::new(),
+        client_hello: Hello {
+            state_versions: Vec::new(),
+            capabilities: Vec::new(),
+        },
+        client_session: 0,
         generation: Generation(1),
-        fuse: None,
-        negotiated: None,
         started: Instant::now(),
     };
     let spec = MountSpec {
@@ -731,8 +588,72 @@ pub fn run(
         cache_dir: opts.cache_dir.clone(),
         cache_bytes: opts.cache_bytes,
     };
-    sup.start(spec)?;
+    let (fuse, negotiated) = sup.start(spec.clone())?;
     tracing::info!(pid = sup.client.pid(), generation = %sup.generation, "serving");
+    let metrics = match opts.metrics {
+        Some(addr) => match MetricsServer::start(addr, sup.started) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                // The mount serves already: a metrics endpoint is not worth losing it.
+                tracing::error!(error = %fsclient::client::error_chain(&e), "metrics are not served");
+                None
+            }
+        },
+        None => None,
+    };
     on_ready(&sup.target.mountpoint);
-    sup.run()
+    let parts = sup.into_driver(fuse, negotiated, binary, args, spec, metrics);
+    Driver::new(parts).run()
+}
+
+impl Supervisor {
+    /// What the event loop takes over once the first client serves.
+    fn into_driver(
+        self,
+        fuse: OwnedFd,
+        negotiated: Negotiated,
+        binary: PathBuf,
+        client_args: Vec<String>,
+        spec: MountSpec,
+        metrics: Option<MetricsServer>,
+    ) -> DriverParts {
+        let Supervisor {
+            target,
+            control,
+            signals,
+            client,
+            client_version,
+            client_hello,
+            client_session,
+            generation,
+            started,
+        } = self;
+        DriverParts {
+            facts: MountFacts {
+                mountpoint: target.mountpoint,
+                volume: target.volume,
+                meta_url: target.meta_url,
+                fuse_minor: negotiated.params.minor,
+                max_write: negotiated.params.max_write,
+                started,
+            },
+            control,
+            signals,
+            fuse,
+            first: client,
+            first_info: ClientInfo {
+                generation,
+                binary,
+                version: client_version,
+                hello: client_hello,
+                session: client_session,
+                spec,
+            },
+            init_request: negotiated.request,
+            init_reply: negotiated.reply,
+            client_args,
+            metrics,
+            timings: Timings::default(),
+        }
+    }
 }

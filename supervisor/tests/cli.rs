@@ -12,7 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use handover_proto::channel;
-use handover_proto::message::{CHANNEL_FD_ENV, ToClient, ToSupervisor};
+use handover_proto::message::{CHANNEL_FD_ENV, Hello, ToClient, ToSupervisor};
 
 const BATON: &str = env!("CARGO_BIN_EXE_baton");
 
@@ -369,6 +369,11 @@ fn fake_client() {
     let prepared = ToSupervisor::Prepared {
         pid: std::process::id(),
         version: "fake".into(),
+        hello: Hello {
+            state_versions: vec![1],
+            capabilities: Vec::new(),
+        },
+        session: 1,
     };
     channel::send(sock, &prepared, &[]).expect("send");
     let (init, fds) = channel::recv::<ToClient>(sock, t).expect("Init");

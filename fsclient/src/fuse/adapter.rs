@@ -3,6 +3,12 @@
 //!
 //! Every request is answered exactly once: with the result, or with the errno of the
 //! error (`FsError::errno`). Failures that are not POSIX outcomes are logged.
+//!
+//! Every handler enters the [`Gate`] before it touches the filesystem and holds its pass
+//! until it has replied: that is how a live upgrade freezes the client (see
+//! [`crate::fuse::park`]). fuser answers a few requests itself (INIT during the
+//! handshake, DESTROY, INTERRUPT, opcodes it does not know, and the operations this
+//! adapter does not implement: ENOSYS); they change nothing, so they need no gate.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -17,8 +23,9 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::fuse::park::Gate;
 use crate::meta::{Attr, Caller, FileKind, Ino, SetAttr, TimeSet, Timestamp};
-use crate::vfs::{FsError, Vfs};
+use crate::vfs::{FsError, LockWait, Vfs};
 
 /// Largest write the kernel sends in one request. Part of the INIT negotiation, which a
 /// successor must repeat identically: never change it for a running mount.
@@ -27,6 +34,11 @@ pub const MAX_WRITE: u32 = 1 << 20;
 const READDIR_BATCH: usize = 512;
 /// `st_blksize`: the I/O size applications should use.
 const BLKSIZE: u32 = 128 << 10;
+
+/// Names in the mount root that a draining client looks up to bring idle reader threads
+/// through a handler (`<prefix><pid>-<n>`): always answered ENOENT, never cached, never
+/// passed to the filesystem. The name is reserved.
+pub const DRAIN_NUDGE_PREFIX: &[u8] = b".baton-drain-";
 
 /// Capabilities asked of the kernel (those it offers).
 fn wanted_capabilities() -> InitFlags {
@@ -44,19 +56,24 @@ fn wanted_capabilities() -> InitFlags {
 #[derive(Debug)]
 pub struct BatonFs {
     vfs: Arc<Vfs>,
+    gate: Arc<Gate>,
     attr_ttl: Duration,
     entry_ttl: Duration,
 }
 
 impl BatonFs {
-    pub fn new(vfs: Arc<Vfs>) -> Self {
+    pub fn new(vfs: Arc<Vfs>, gate: Arc<Gate>) -> Self {
         let attr_ttl = vfs.config().attr_ttl;
         let entry_ttl = vfs.config().entry_ttl;
-        BatonFs { vfs, attr_ttl, entry_ttl }
+        BatonFs { vfs, gate, attr_ttl, entry_ttl }
     }
 
     pub fn vfs(&self) -> &Arc<Vfs> {
         &self.vfs
+    }
+
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
     }
 
     fn fuse_attr(&self, ino: Ino, a: &Attr) -> FileAttr {
@@ -160,14 +177,29 @@ impl Filesystem for BatonFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let mut pass = self.gate.enter();
+        if parent.0 == Ino::ROOT.0 && name.as_bytes().starts_with(DRAIN_NUDGE_PREFIX) {
+            // A drain nudge: the reply matters less than this thread passing the gate.
+            pass.internal();
+            reply.error(Errno::ENOENT);
+            return;
+        }
         self.entry(reply, self.vfs.lookup(Ino(parent.0), name.as_bytes()), "lookup");
     }
 
+    // FORGET has no reply, so it is never resent: one parked when the process exits for a
+    // handover is lost. That leaks a lookup count in the successor's table, which is
+    // harmless (inode numbers are the engine's and stay valid). BATCH_FORGET goes through
+    // fuser's default, one `forget` per inode (fuser does not export the type of its
+    // argument), so a freeze may park it halfway: the rest is lost the same way.
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let mut pass = self.gate.enter();
+        pass.no_reply();
         self.vfs.forget(Ino(ino.0), nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _pass = self.gate.enter();
         match self.vfs.getattr(Ino(ino.0)) {
             Ok(a) => reply.attr(&self.attr_ttl, &self.fuse_attr(Ino(ino.0), &a)),
             Err(e) => reply.error(errno(&e, "getattr")),
@@ -192,6 +224,7 @@ impl Filesystem for BatonFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _pass = self.gate.enter();
         let set = SetAttr {
             mode,
             uid,
@@ -208,6 +241,7 @@ impl Filesystem for BatonFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _pass = self.gate.enter();
         match self.vfs.readlink(Ino(ino.0)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e, "readlink")),
@@ -215,24 +249,29 @@ impl Filesystem for BatonFs {
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let _pass = self.gate.enter();
         let r = self.vfs.mknod(caller(req), Ino(parent.0), name.as_bytes(), mode, umask, rdev);
         self.entry(reply, r, "mknod");
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let _pass = self.gate.enter();
         let r = self.vfs.mkdir(caller(req), Ino(parent.0), name.as_bytes(), mode, umask);
         self.entry(reply, r, "mkdir");
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.gate.enter();
         empty(reply, self.vfs.unlink(Ino(parent.0), name.as_bytes()), "unlink");
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.gate.enter();
         empty(reply, self.vfs.rmdir(Ino(parent.0), name.as_bytes()), "rmdir");
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let _pass = self.gate.enter();
         let r = self.vfs.symlink(caller(req), Ino(parent.0), link_name.as_bytes(), target.as_os_str().as_bytes());
         self.entry(reply, r, "symlink");
     }
@@ -247,16 +286,19 @@ impl Filesystem for BatonFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.gate.enter();
         let r = self.vfs.rename(Ino(parent.0), name.as_bytes(), Ino(newparent.0), newname.as_bytes(), flags.bits());
         empty(reply, r, "rename");
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let _pass = self.gate.enter();
         let r = self.vfs.link(Ino(ino.0), Ino(newparent.0), newname.as_bytes());
         self.entry(reply, r, "link");
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _pass = self.gate.enter();
         match self.vfs.open_file(Ino(ino.0), flags.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e, "open")),
@@ -274,6 +316,7 @@ impl Filesystem for BatonFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _pass = self.gate.enter();
         match self.vfs.read(Ino(ino.0), fh.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(&e, "read")),
@@ -292,6 +335,7 @@ impl Filesystem for BatonFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _pass = self.gate.enter();
         match self.vfs.write(Ino(ino.0), fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e, "write")),
@@ -299,6 +343,7 @@ impl Filesystem for BatonFs {
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        let _pass = self.gate.enter();
         empty(reply, self.vfs.flush(Ino(ino.0), fh.0, lock_owner.0), "flush");
     }
 
@@ -312,14 +357,17 @@ impl Filesystem for BatonFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.gate.enter();
         empty(reply, self.vfs.release(Ino(ino.0), fh.0, lock_owner.map(|o| o.0)), "release");
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let _pass = self.gate.enter();
         empty(reply, self.vfs.fsync(Ino(ino.0), fh.0), "fsync");
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _pass = self.gate.enter();
         match self.vfs.opendir(Ino(ino.0)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e, "opendir")),
@@ -327,6 +375,7 @@ impl Filesystem for BatonFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let _pass = self.gate.enter();
         match self.vfs.readdir(Ino(ino.0), fh.0, offset, READDIR_BATCH, false) {
             Ok(entries) => {
                 for e in entries {
@@ -341,6 +390,7 @@ impl Filesystem for BatonFs {
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let _pass = self.gate.enter();
         match self.vfs.readdir(Ino(ino.0), fh.0, offset, READDIR_BATCH, true) {
             Ok(entries) => {
                 for e in entries {
@@ -362,16 +412,19 @@ impl Filesystem for BatonFs {
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        let _pass = self.gate.enter();
         self.vfs.releasedir(fh.0);
         reply.ok();
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let _pass = self.gate.enter();
         // Every metadata change is committed durably before it is answered.
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _pass = self.gate.enter();
         match self.vfs.statfs() {
             Ok(s) => reply.statfs(s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize),
             Err(e) => reply.error(errno(&e, "statfs")),
@@ -388,26 +441,32 @@ impl Filesystem for BatonFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.gate.enter();
         empty(reply, self.vfs.setxattr(Ino(ino.0), name.as_bytes(), value, flags), "setxattr");
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _pass = self.gate.enter();
         xattr_reply(reply, size, self.vfs.getxattr(Ino(ino.0), name.as_bytes()), "getxattr");
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _pass = self.gate.enter();
         xattr_reply(reply, size, self.vfs.listxattr(Ino(ino.0)), "listxattr");
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.gate.enter();
         empty(reply, self.vfs.removexattr(Ino(ino.0), name.as_bytes()), "removexattr");
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _pass = self.gate.enter();
         empty(reply, self.vfs.access(caller(req), Ino(ino.0), mask.bits() as u32), "access");
     }
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let _pass = self.gate.enter();
         match self.vfs.create(caller(req), Ino(parent.0), name.as_bytes(), mode, umask, flags) {
             Ok((ino, attr, fh)) => reply.created(
                 &self.entry_ttl,
@@ -432,6 +491,7 @@ impl Filesystem for BatonFs {
         pid: u32,
         reply: ReplyLock,
     ) {
+        let _pass = self.gate.enter();
         match self.vfs.getlk(Ino(ino.0), lock_owner.0, typ, start, end, pid) {
             Ok(Some(l)) => {
                 let t = match l.typ {
@@ -458,14 +518,19 @@ impl Filesystem for BatonFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.vfs.setlk(Ino(ino.0), lock_owner.0, typ, start, end, pid, sleep), "setlk");
+        let pass = self.gate.enter();
+        // A blocking wait gives way to a resend freeze between attempts (park.rs).
+        let wait: Option<&dyn LockWait> = if sleep { Some(&pass) } else { None };
+        empty(reply, self.vfs.setlk(Ino(ino.0), lock_owner.0, typ, start, end, pid, wait), "setlk");
     }
 
     fn fallocate(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        let _pass = self.gate.enter();
         empty(reply, self.vfs.fallocate(Ino(ino.0), fh.0, offset, length, mode), "fallocate");
     }
 
     fn lseek(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let _pass = self.gate.enter();
         match self.vfs.lseek(Ino(ino.0), fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(errno(&e, "lseek")),

@@ -38,6 +38,7 @@ pub fn cases() -> Vec<(&'static str, Case)> {
         ("fallocate", fallocate),
         ("locks", locks),
         ("sessions", sessions),
+        ("resume_session", resume_session),
         ("quota", quota),
         ("concurrent_creates", concurrent_creates),
         ("concurrent_renames", concurrent_renames),
@@ -595,6 +596,41 @@ fn sessions(m: &Engine) {
     assert_eq!(m.list_sessions().unwrap().len(), 1);
     m.close_session(s2).unwrap();
     assert!(m.list_sessions().unwrap().is_empty());
+}
+
+fn resume_session(m: &Engine) {
+    let sid = formatted(m);
+    let other = m.new_session(&session_info()).unwrap();
+    // The session holds a lock and keeps an unlinked file.
+    let f = file(m, Ino::ROOT, "locked");
+    let kept = file(m, Ino::ROOT, "kept");
+    let mine = LockOwner { sid, owner: 7 };
+    m.setlk(f, &LockRequest { owner: mine, typ: Some(LockType::Write), start: 0, end: u64::MAX, pid: 1 }).unwrap();
+    m.unlink(sid, Ino::ROOT, b"kept", &always_open).unwrap();
+
+    // A successor process takes it over: new pid, version and heartbeat.
+    let successor = SessionInfo { pid: 2, version: "next".into(), heartbeat: Timestamp(Timestamp::now().0 + 1), ..session_info() };
+    m.resume_session(sid, &successor).unwrap();
+    let listed = m.list_sessions().unwrap();
+    let (_, info) = listed.iter().find(|(s, _)| *s == sid).unwrap();
+    assert_eq!(info, &successor);
+    assert_eq!(listed.len(), 2, "resuming adds no session");
+
+    // What the session held is still held, under the same id.
+    let theirs = LockOwner { sid: other, owner: 7 };
+    let req = LockRequest { owner: theirs, typ: Some(LockType::Read), start: 0, end: 10, pid: 3 };
+    assert_err!(m.setlk(f, &req), MetaError::WouldBlock);
+    assert_eq!(m.getattr(kept).unwrap().nlink, 0);
+    m.release_locks(f, mine).unwrap();
+    m.setlk(f, &req).unwrap();
+    m.release_unlinked(sid, kept).unwrap();
+    assert_err!(m.getattr(kept), MetaError::NotFound);
+
+    // A session that was closed (or cleaned up as stale) cannot be resumed.
+    m.close_session(sid).unwrap();
+    assert_err!(m.resume_session(sid, &successor), MetaError::NotFound);
+    assert_err!(m.resume_session(SessionId(9_999), &successor), MetaError::NotFound);
+    assert_eq!(m.list_sessions().unwrap().len(), 1, "a failed resume creates nothing");
 }
 
 fn quota(m: &Engine) {

@@ -153,6 +153,10 @@ pub trait MetaEngine: Send + Sync + std::fmt::Debug {
 
     // --- sessions ---
     fn new_session(&self, info: &SessionInfo) -> Result<SessionId>;
+    /// Takes over an existing session (a successor client keeps its predecessor's, with
+    /// its locks and open-but-unlinked inodes): replaces its info (pid, version, heartbeat).
+    /// Fails with NotFound if the session was closed or cleaned up as stale.
+    fn resume_session(&self, sid: SessionId, info: &SessionInfo) -> Result<()>;
     /// Record that the session is alive now; fails with NotFound if another client
     /// cleaned it up as stale.
     fn heartbeat(&self, sid: SessionId, now: Timestamp) -> Result<()>;

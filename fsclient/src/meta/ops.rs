@@ -352,6 +352,13 @@ impl<B: Backend> MetaEngine for Meta<B> {
         })
     }
 
+    fn resume_session(&self, sid: SessionId, info: &SessionInfo) -> Result<()> {
+        self.backend.write(&mut |tx| {
+            tx.session(sid)?.ok_or(MetaError::NotFound)?;
+            tx.set_session(sid, info)
+        })
+    }
+
     fn heartbeat(&self, sid: SessionId, now: Timestamp) -> Result<()> {
         self.backend.write(&mut |tx| {
             let mut info = tx.session(sid)?.ok_or(MetaError::NotFound)?;

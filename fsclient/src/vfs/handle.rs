@@ -186,6 +186,27 @@ impl HandleTable {
     pub fn all(&self) -> Vec<Fh> {
         self.inner.lock().handles.keys().copied().collect()
     }
+
+    /// Every open handle number, in order, and the next counter value: what a successor
+    /// needs to go on without reusing a number the kernel still holds.
+    pub fn snapshot(&self) -> (Vec<Fh>, u32) {
+        let t = self.inner.lock();
+        let mut fhs: Vec<Fh> = t.handles.keys().copied().collect();
+        fhs.sort_unstable();
+        (fhs, self.counter.load(Ordering::Relaxed) & COUNTER_MASK)
+    }
+
+    /// Adds a predecessor's handles (known ones are kept as they are) and moves the counter
+    /// to `next` unless it is there already.
+    pub fn restore(&self, fhs: &[Fh], next: u32) {
+        let mut t = self.inner.lock();
+        for fh in fhs {
+            if !t.handles.contains_key(fh) {
+                t.insert(*fh);
+            }
+        }
+        self.counter.fetch_max(next & COUNTER_MASK, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
@@ -221,5 +242,26 @@ mod tests {
         assert!(h.flags().append);
         assert!(other.is_open(Ino(5)));
         assert!(other.get(Ino(6), a.fh.0).is_none());
+    }
+
+    #[test]
+    fn snapshot_restore_keeps_handles_counts_and_counter() {
+        let t = HandleTable::default();
+        let a = t.open(Ino(5), HandleFlags::from_open_flags(libc::O_WRONLY));
+        let b = t.open(Ino(5), HandleFlags::from_open_flags(libc::O_RDONLY));
+        let d = t.open(Ino(1), HandleFlags::directory());
+        let (fhs, next) = t.snapshot();
+        assert_eq!(fhs.len(), 3);
+        assert_eq!(next, 3);
+
+        let successor = HandleTable::default();
+        successor.restore(&fhs, next);
+        assert!(successor.is_open(Ino(5)));
+        assert!(!successor.close(a.fh.0), "b is still open");
+        assert!(successor.close(b.fh.0), "the inode's last handle");
+        assert!(!successor.close(d.fh.0), "directories are not counted");
+        // New handles do not reuse a number the kernel may still hold.
+        let c = successor.open(Ino(5), HandleFlags::from_open_flags(libc::O_RDONLY));
+        assert_eq!(c.fh.counter(), 3);
     }
 }

@@ -49,6 +49,9 @@ pub struct VfsConfig {
     /// How long an unreferenced object is kept before it is deleted (readers that
     /// resolved the old layout may still fetch it).
     pub gc_grace: Duration,
+    /// The metadata session to take over (a successor keeps its predecessor's, with its
+    /// locks and open-but-unlinked files); `None` opens a new one.
+    pub resume_session: Option<SessionId>,
 }
 
 impl VfsConfig {
@@ -65,6 +68,7 @@ impl VfsConfig {
             heartbeat: Duration::from_secs(10),
             session_timeout: Duration::from_secs(300),
             gc_grace: Duration::from_secs(60),
+            resume_session: None,
         }
     }
 }
@@ -80,6 +84,12 @@ pub enum OpenError {
     Data(#[source] crate::data::OpenError),
     #[error("cannot open a session in the metadata engine")]
     Session(#[source] MetaError),
+    #[error("cannot resume session {sid} (it was closed or cleaned up as stale)")]
+    ResumeSession {
+        sid: SessionId,
+        #[source]
+        source: MetaError,
+    },
     #[error("cannot start the background worker")]
     Background(#[source] std::io::Error),
 }
@@ -91,6 +101,39 @@ pub enum ShutdownError {
     Flush(#[source] crate::data::DataError),
     #[error("closing the session failed")]
     Session(#[source] MetaError),
+}
+
+/// How a blocking lock request (F_SETLKW) waits between two attempts.
+pub trait LockWait {
+    /// Waits about `delay` before the next attempt. May return early, or block much longer
+    /// (the FUSE adapter parks the request here while a live upgrade hands over).
+    fn wait(&self, delay: Duration);
+}
+
+/// Waits by sleeping.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sleep;
+
+impl LockWait for Sleep {
+    fn wait(&self, delay: Duration) {
+        std::thread::sleep(delay);
+    }
+}
+
+/// The per-process tables of a [`Vfs`] that a successor process takes over: everything
+/// else is in the metadata engine or rebuilt from handle numbers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tables {
+    /// Kernel lookup references per inode.
+    pub lookups: Vec<(Ino, u64)>,
+    /// Open file and directory handles.
+    pub handles: Vec<Fh>,
+    /// (inode, lock owner) pairs that took a lock.
+    pub lockers: Vec<(Ino, u64)>,
+    /// Inodes unlinked while open, freed at their last close.
+    pub orphans: Vec<Ino>,
+    /// Next value of the handle counter.
+    pub next_handle: u32,
 }
 
 /// What `statfs` reports.
@@ -143,8 +186,15 @@ impl Vfs {
             version: config.version.clone(),
             heartbeat: Timestamp::now(),
         };
-        let sid = meta.new_session(&info).map_err(OpenError::Session)?;
-        tracing::info!(volume = %format.name, session = %sid, meta = meta.backend_name(), "volume opened");
+        let sid = match config.resume_session {
+            Some(sid) => {
+                meta.resume_session(sid, &info).map_err(|source| OpenError::ResumeSession { sid, source })?;
+                sid
+            }
+            None => meta.new_session(&info).map_err(OpenError::Session)?,
+        };
+        let resumed = config.resume_session.is_some();
+        tracing::info!(volume = %format.name, session = %sid, resumed, meta = meta.backend_name(), "volume opened");
         let vfs = Arc::new(Vfs {
             meta,
             data,
@@ -172,6 +222,42 @@ impl Vfs {
         self.meta.close_session(self.sid).map_err(ShutdownError::Session)?;
         tracing::info!(session = %self.sid, "session closed");
         Ok(())
+    }
+
+    /// Stops the background work without flushing or closing the session: for a successor
+    /// that gives up before it served (its predecessor still uses the session and has
+    /// written nothing through this process).
+    pub fn abandon(&self) {
+        if let Some(w) = self.background.lock().take() {
+            w.stop();
+        }
+        tracing::info!(session = %self.sid, "volume left without closing the session");
+    }
+
+    /// Everything a successor process needs of this one's tables. Consistent only while no
+    /// request executes (the caller freezes the FUSE adapter first).
+    pub fn export_tables(&self) -> Tables {
+        let (handles, next_handle) = self.handles.snapshot();
+        let mut lookups: Vec<(Ino, u64)> = self.lookups.lock().iter().map(|(i, n)| (*i, *n)).collect();
+        lookups.sort_unstable();
+        let mut lockers: Vec<(Ino, u64)> = self.lockers.lock().iter().copied().collect();
+        lockers.sort_unstable();
+        let mut orphans: Vec<Ino> = self.orphans.lock().iter().copied().collect();
+        orphans.sort_unstable();
+        Tables { lookups, handles, lockers, orphans, next_handle }
+    }
+
+    /// Adds a predecessor's tables to this process's (which has served nothing yet).
+    pub fn import_tables(&self, t: &Tables) {
+        self.handles.restore(&t.handles, t.next_handle);
+        {
+            let mut l = self.lookups.lock();
+            for (ino, n) in &t.lookups {
+                *l.entry(*ino).or_insert(0) += n;
+            }
+        }
+        self.lockers.lock().extend(t.lockers.iter().copied());
+        self.orphans.lock().extend(t.orphans.iter().copied());
     }
 
     pub fn config(&self) -> &VfsConfig {
@@ -590,9 +676,11 @@ impl Vfs {
     }
 
     /// F_SETLK / F_SETLKW (and flock, which the kernel sends as a whole-file lock owned
-    /// by the open file). With `wait`, retries until the lock is free.
+    /// by the open file). With `wait` (F_SETLKW), retries until the lock is free, calling
+    /// `wait` between attempts: an attempt that fails has changed nothing, so the request
+    /// may be parked there and executed again by another process.
     #[allow(clippy::too_many_arguments)]
-    pub fn setlk(&self, ino: Ino, owner: u64, typ: i32, start: u64, end: u64, pid: u32, wait: bool) -> Result<()> {
+    pub fn setlk(&self, ino: Ino, owner: u64, typ: i32, start: u64, end: u64, pid: u32, wait: Option<&dyn LockWait>) -> Result<()> {
         let req = self.lock_request(owner, typ, start, end, pid)?;
         let mut delay = Duration::from_millis(5);
         loop {
@@ -603,10 +691,13 @@ impl Vfs {
                     }
                     return Ok(());
                 }
-                Err(MetaError::WouldBlock) if wait => {
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_millis(100));
-                }
+                Err(MetaError::WouldBlock) => match wait {
+                    Some(w) => {
+                        w.wait(delay);
+                        delay = (delay * 2).min(Duration::from_millis(100));
+                    }
+                    None => return Err(MetaError::WouldBlock.into()),
+                },
                 Err(e) => return Err(e.into()),
             }
         }

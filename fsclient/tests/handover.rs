@@ -1,0 +1,291 @@
+//! Export → import of a client's state between two real `Vfs` instances of one redb
+//! volume (as the old and the new client process of a live upgrade): open handles keep
+//! working in the successor, an unlinked-while-open file stays readable and is freed at
+//! its last close there, locks stay held under the resumed session and are released by
+//! the successor, lookup counts carry over; a state of another volume or session is
+//! refused; a successor that gives up leaves the session to its predecessor.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use fsclient::handover::{self, Connection, ImportError};
+use fsclient::meta::{self, Caller, Format, Ino, MetaError, SessionId, Timestamp};
+use fsclient::vfs::{FsError, Sleep, Vfs, VfsConfig};
+use handover_proto::message::MountSpec;
+use handover_proto::state::{self, ClientState};
+
+const ME: Caller = Caller {
+    uid: 0,
+    gid: 0,
+    pid: 1,
+};
+
+struct Volume {
+    dir: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Volume {
+    fn new() -> Volume {
+        let dir = tempfile::tempdir().unwrap();
+        let m = meta::open(&Self::url_of(&dir)).unwrap();
+        m.format(
+            &Format {
+                name: "vol".into(),
+                uuid: "5f0c-handover-test".into(),
+                storage: format!("fs://{}", dir.path().join("objects").display()),
+                block_size: Format::MIN_BLOCK_SIZE,
+                capacity: 0,
+                inodes: 0,
+                created: Timestamp::now(),
+            },
+            false,
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        Volume { dir, rt }
+    }
+
+    fn url_of(dir: &tempfile::TempDir) -> String {
+        format!("redb://{}/meta.redb", dir.path().display())
+    }
+
+    /// A client's filesystem: a new session, or `resume`'s.
+    fn open(&self, resume: Option<SessionId>) -> Result<Arc<Vfs>, fsclient::vfs::OpenError> {
+        let mut c = VfsConfig::new(
+            Self::url_of(&self.dir),
+            "/mnt/test",
+            self.dir.path().join("home"),
+        );
+        c.cache_dir = Some(self.dir.path().join("cache"));
+        c.resume_session = resume;
+        Vfs::open(c, self.rt.handle().clone())
+    }
+
+    fn connection(&self) -> Connection {
+        Connection {
+            generation: 1,
+            spec: MountSpec {
+                volume: "vol".into(),
+                meta_url: Self::url_of(&self.dir),
+                mountpoint: PathBuf::from("/mnt/test"),
+                home: self.dir.path().join("home"),
+                threads: 4,
+                attr_ttl_ms: 1000,
+                entry_ttl_ms: 1000,
+                cache_dir: None,
+                cache_bytes: 1 << 20,
+            },
+            init_request: vec![1, 2, 3],
+            init_reply: vec![4, 5, 6],
+        }
+    }
+}
+
+fn errno<T: std::fmt::Debug>(r: Result<T, FsError>) -> i32 {
+    r.unwrap_err().errno()
+}
+
+/// Through the encoded form, as it travels between the processes.
+fn transfer(state: handover_proto::state::ClientStateV1) -> handover_proto::state::ClientStateV1 {
+    let chunks = handover::encode_chunks(state, 1).unwrap();
+    let mut asm = state::Assembler::default();
+    let mut bytes = None;
+    for c in chunks {
+        bytes = asm.push(c).unwrap();
+    }
+    match handover::decode(&bytes.unwrap()).unwrap() {
+        ClientState::V1(s) => s,
+    }
+}
+
+#[test]
+fn handles_orphans_locks_and_lookups_survive_a_handover() {
+    let vol = Volume::new();
+    let old = vol.open(None).unwrap();
+    let sid = old.session();
+
+    // An open file with unflushed data, unlinked while open.
+    let (orphan, _, orphan_fh) = old
+        .create(ME, Ino::ROOT, b"scratch", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    old.write(orphan, orphan_fh, 0, b"still here after the unlink")
+        .unwrap();
+    old.unlink(Ino::ROOT, b"scratch").unwrap();
+    // A file open for appending, locked by owner 42.
+    let (log, _, log_fh) = old
+        .create(
+            ME,
+            Ino::ROOT,
+            b"log",
+            0o644,
+            0,
+            libc::O_WRONLY | libc::O_APPEND,
+        )
+        .unwrap();
+    old.write(log, log_fh, 0, b"first\n").unwrap();
+    old.setlk(log, 42, libc::F_WRLCK, 0, u64::MAX, 7, None)
+        .unwrap();
+    // An open directory and a few more lookups.
+    let dir_fh = old.opendir(Ino::ROOT).unwrap();
+    old.lookup(Ino::ROOT, b"log").unwrap();
+    let mut lookups_before = old.lookup_counts();
+    lookups_before.sort_unstable();
+
+    let state = handover::export(&old, &vol.connection()).unwrap();
+    assert_eq!(state.session, sid.0);
+    assert_eq!(state.volume_uuid, "5f0c-handover-test");
+    assert_eq!(state.files.len(), 2);
+    assert_eq!(state.dirs.len(), 1);
+    assert_eq!(state.orphans, vec![orphan.0]);
+    assert_eq!(state.init_request, vec![1, 2, 3]);
+    let log_state = state.files.iter().find(|f| f.fh == log_fh).unwrap();
+    assert_eq!(log_state.lock_owners, vec![42]);
+    assert_eq!(log_state.flags, libc::O_WRONLY | libc::O_APPEND);
+    let state = transfer(state);
+    // The old process exits without closing the session.
+    drop(old);
+
+    let new = vol.open(Some(sid)).unwrap();
+    assert_eq!(new.session(), sid);
+    let imported = handover::import(&new, &state).unwrap();
+    assert_eq!((imported.files, imported.dirs, imported.orphans), (2, 1, 1));
+    let mut lookups_after = new.lookup_counts();
+    lookups_after.sort_unstable();
+    assert_eq!(lookups_after, lookups_before);
+
+    // The unlinked file reads back through the predecessor's handle (its data was flushed
+    // by the export).
+    let data = new.read(orphan, orphan_fh, 0, 100).unwrap();
+    assert_eq!(data, b"still here after the unlink");
+    // The appender goes on through its handle.
+    new.write(log, log_fh, 6, b"second\n").unwrap();
+    new.fsync(log, log_fh).unwrap();
+    // A directory handle reads on.
+    let names: Vec<Vec<u8>> = new
+        .readdir(Ino::ROOT, dir_fh, 0, 100, false)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(names.contains(&b"log".to_vec()));
+
+    // The lock is still held under the resumed session: another client cannot take it.
+    let other = vol.open(None).unwrap();
+    assert_eq!(
+        errno(other.setlk(log, 1, libc::F_WRLCK, 0, 10, 9, None)),
+        libc::EAGAIN
+    );
+    // The successor releases it at the owner's close (it knows the owner from the state).
+    new.flush(log, log_fh, 42).unwrap();
+    other
+        .setlk(log, 1, libc::F_WRLCK, 0, 10, 9, Some(&Sleep))
+        .unwrap();
+    new.release(log, log_fh, None).unwrap();
+
+    // The last close of the orphan in the successor frees it.
+    new.release(orphan, orphan_fh, None).unwrap();
+    assert_eq!(errno(new.getattr(orphan)), libc::ENOENT);
+    new.releasedir(dir_fh);
+
+    // New handles do not reuse the predecessor's numbers.
+    let again = new.open_file(log, libc::O_RDONLY).unwrap();
+    assert!(again != log_fh && again != orphan_fh);
+    let log_data = new.read(log, again, 0, 100).unwrap();
+    assert_eq!(log_data, b"first\nsecond\n");
+    new.release(log, again, None).unwrap();
+
+    new.shutdown().unwrap();
+    other.shutdown().unwrap();
+}
+
+#[test]
+fn a_state_of_another_volume_or_session_is_refused() {
+    let vol = Volume::new();
+    let old = vol.open(None).unwrap();
+    let (ino, _, fh) = old
+        .create(ME, Ino::ROOT, b"f", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    let state = handover::export(&old, &vol.connection()).unwrap();
+
+    let successor = vol.open(Some(old.session())).unwrap();
+    let mut other_volume = state.clone();
+    other_volume.volume_uuid = "another-volume".into();
+    assert!(matches!(
+        handover::import(&successor, &other_volume),
+        Err(ImportError::OtherVolume { .. })
+    ));
+    let mut other_session = state.clone();
+    other_session.session += 1;
+    assert!(matches!(
+        handover::import(&successor, &other_session),
+        Err(ImportError::OtherSession { .. })
+    ));
+    let mut bad_handle = state.clone();
+    bad_handle.files[0].ino += 1;
+    assert!(matches!(
+        handover::import(&successor, &bad_handle),
+        Err(ImportError::BadHandle { .. })
+    ));
+    // Nothing was imported by the refusals: the inode is not open in the successor, so
+    // unlinking it frees it at once.
+    successor.unlink(Ino::ROOT, b"f").unwrap();
+    assert_eq!(errno(successor.getattr(ino)), libc::ENOENT);
+    let _ = fh;
+    successor.abandon();
+    old.shutdown().unwrap();
+}
+
+#[test]
+fn a_successor_that_gives_up_leaves_the_session_to_its_predecessor() {
+    let vol = Volume::new();
+    let old = vol.open(None).unwrap();
+    let (ino, _, fh) = old
+        .create(ME, Ino::ROOT, b"locked", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    old.setlk(ino, 5, libc::F_WRLCK, 0, u64::MAX, 7, None)
+        .unwrap();
+
+    // Prepared, then rolled back (Shutdown before Serve): abandon, never close.
+    let successor = vol.open(Some(old.session())).unwrap();
+    successor.abandon();
+    drop(successor);
+
+    // The predecessor's session and lock are intact.
+    let m = old.meta();
+    let sessions: Vec<SessionId> = m
+        .list_sessions()
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert!(sessions.contains(&old.session()));
+    let other = vol.open(None).unwrap();
+    assert_eq!(
+        errno(other.setlk(ino, 1, libc::F_WRLCK, 0, 10, 9, None)),
+        libc::EAGAIN
+    );
+    old.flush(ino, fh, 5).unwrap();
+    other.setlk(ino, 1, libc::F_WRLCK, 0, 10, 9, None).unwrap();
+
+    // A session that is gone cannot be resumed.
+    old.shutdown().unwrap();
+    let err = vol.open(Some(old.session())).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            fsclient::vfs::OpenError::ResumeSession {
+                source: MetaError::NotFound,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    other.shutdown().unwrap();
+}

@@ -1,0 +1,767 @@
+//! The supervisor's event loop once the mount serves, and the only code that acts on the
+//! upgrade machine's decisions: it spawns clients, passes the /dev/fuse descriptor, sends
+//! and receives handover messages, watches client exits, and writes FUSE_NOTIFY_RESEND.
+//!
+//! ```text
+//! poll: signalfd | control socket | per client: channel (in; out while queued) + pidfd
+//!   channel readable  -> every message -> machine.handle_message
+//!   pidfd readable    -> the channel's last messages first, then reap -> handle_exit
+//!   control request   -> Status | Upgrade (-> handle_request; answered by Report)
+//!                        | Umount (refused during an upgrade)
+//!   signal            -> cancel the upgrade (rolls back before the commit), then stop
+//!   deadline          -> handle_timeout
+//!   after each: every machine action, in order:
+//!     Spawn -> start the binary, send Start      Send -> queue (fd attached for Init)
+//!     Kill -> SIGKILL                            WriteResend -> 16 bytes to /dev/fuse
+//!     Report -> answer `baton upgrade`           MountGone / Lost -> stop
+//! ```
+//!
+//! Channels are non-blocking with a queue per client: a client that stops reading its
+//! socket can only stall its own queue, never the loop (and the machine's deadline rolls
+//! the upgrade back). Times are CLOCK_MONOTONIC, the clock clients stamp `FirstServed`
+//! with. The supervisor's /dev/fuse descriptor lives in this struct until the loop ends.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use handover_proto::channel::{self, RecvError, SendError};
+use handover_proto::control::{ControlRequest, ControlResponse, MountStatus};
+use handover_proto::fdpass;
+use handover_proto::message::{Generation, ToClient, ToSupervisor};
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::Signal;
+use nix::sys::signalfd::SignalFd;
+
+use super::{
+    Action, ClientInfo, ClientOptions, ExitInfo, Machine, Outcome, PhaseKind, Timestamp, Timings, UpgradeRequest,
+};
+use crate::control::{ControlConn, ControlServer};
+use crate::metrics::{self, MetricsServer};
+use crate::mount::{self, UmountError};
+use crate::spawn::ClientProcess;
+use crate::supervise::SuperviseError;
+
+/// How long the serving client may take to flush and close after `Shutdown`.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a client that answered `Shutdown` may take to exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stop waits for an upgrade to roll back or finish.
+const STOP_GRACE: Duration = Duration::from_secs(60);
+
+/// Now on CLOCK_MONOTONIC.
+pub fn monotonic_now() -> Timestamp {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return Timestamp(0);
+    }
+    let ns = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0);
+    Timestamp(ns)
+}
+
+fn exit_info(status: std::io::Result<std::process::ExitStatus>) -> ExitInfo {
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => ExitInfo::Code(c),
+            (None, Some(sig)) => ExitInfo::Signal(sig),
+            (None, None) => ExitInfo::Unknown(s.to_string()),
+        },
+        Err(e) => ExitInfo::Unknown(e.to_string()),
+    }
+}
+
+fn would_block_recv(e: &RecvError) -> bool {
+    matches!(
+        e,
+        RecvError::Transport(fdpass::RecvError::Recvmsg(Errno::EAGAIN))
+    )
+}
+
+fn would_block_send(e: &SendError) -> bool {
+    matches!(
+        e,
+        SendError::Transport(fdpass::SendError::Sendmsg {
+            source: Errno::EAGAIN,
+            ..
+        })
+    )
+}
+
+fn peer_gone(e: &SendError) -> bool {
+    matches!(
+        e,
+        SendError::Transport(fdpass::SendError::Sendmsg {
+            source: Errno::EPIPE | Errno::ECONNRESET | Errno::ECONNREFUSED,
+            ..
+        })
+    )
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    fsclient::client::error_chain(e)
+}
+
+/// What does not change for the life of the mount, for status.
+#[derive(Clone, Debug)]
+pub struct MountFacts {
+    pub mountpoint: PathBuf,
+    pub volume: String,
+    pub meta_url: String,
+    pub fuse_minor: u32,
+    pub max_write: u32,
+    pub started: Instant,
+}
+
+/// Everything the start-up hands over to the loop.
+#[derive(Debug)]
+pub struct DriverParts {
+    pub facts: MountFacts,
+    pub control: ControlServer,
+    pub signals: SignalFd,
+    /// The supervisor's descriptor of the FUSE connection.
+    pub fuse: OwnedFd,
+    pub first: ClientProcess,
+    pub first_info: ClientInfo,
+    pub init_request: Vec<u8>,
+    pub init_reply: Vec<u8>,
+    /// Arguments every client is started with.
+    pub client_args: Vec<String>,
+    pub metrics: Option<MetricsServer>,
+    pub timings: Timings,
+}
+
+#[derive(Debug)]
+struct Client {
+    process: ClientProcess,
+    /// False once the peer closed its end.
+    open: bool,
+    /// Messages not sent yet (the socket was full); `true`: attach the fd.
+    queue: VecDeque<(ToClient, bool)>,
+}
+
+/// Why the loop ends.
+enum End {
+    /// A control `Umount` unmounted: the client stops; the result goes to the caller.
+    Unmounted(ControlConn),
+    /// Detach and stop (signal).
+    Signal(Signal),
+    /// The connection ended from outside.
+    Gone,
+    /// No client can serve.
+    Lost(String),
+}
+
+/// The running mount.
+#[derive(Debug)]
+pub struct Driver {
+    facts: MountFacts,
+    control: ControlServer,
+    signals: SignalFd,
+    fuse: OwnedFd,
+    machine: Machine,
+    clients: BTreeMap<Generation, Client>,
+    client_args: Vec<String>,
+    /// The `baton upgrade` waiting for its answer.
+    pending: Option<ControlConn>,
+    upgrade_span: Option<tracing::Span>,
+    /// A signal arrived during an upgrade: stop once it has ended (or at the deadline).
+    stopping: Option<(Signal, Instant)>,
+    metrics: Option<MetricsServer>,
+}
+
+impl Driver {
+    pub fn new(parts: DriverParts) -> Driver {
+        let DriverParts {
+            facts,
+            control,
+            signals,
+            fuse,
+            first,
+            first_info,
+            init_request,
+            init_reply,
+            client_args,
+            metrics,
+            timings,
+        } = parts;
+        if let Err(e) = nix::fcntl::fcntl(
+            first.channel(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        ) {
+            tracing::warn!(error = %e, "cannot make the client channel non-blocking");
+        }
+        let generation = first_info.generation;
+        let machine = Machine::new(first_info, init_request, init_reply, timings);
+        let mut clients = BTreeMap::new();
+        clients.insert(
+            generation,
+            Client {
+                process: first,
+                open: true,
+                queue: VecDeque::new(),
+            },
+        );
+        Driver {
+            facts,
+            control,
+            signals,
+            fuse,
+            machine,
+            clients,
+            client_args,
+            pending: None,
+            upgrade_span: None,
+            stopping: None,
+            metrics,
+        }
+    }
+
+    /// The mount as `baton status` shows it.
+    pub fn status(&self) -> MountStatus {
+        let serving = self.machine.serving();
+        let stats = self.machine.stats();
+        MountStatus {
+            mountpoint: self.facts.mountpoint.clone(),
+            volume: self.facts.volume.clone(),
+            meta_url: self.facts.meta_url.clone(),
+            supervisor_pid: std::process::id(),
+            generation: serving.generation,
+            client_pid: self
+                .clients
+                .get(&serving.generation)
+                .map_or(0, |c| c.process.pid()),
+            client_version: serving.version.clone(),
+            uptime_ms: u64::try_from(self.facts.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            fuse_minor: self.facts.fuse_minor,
+            max_write: self.facts.max_write,
+            resend: self.machine.kernel_resend(),
+            upgrades: stats.upgrades,
+            rollbacks: stats.rollbacks,
+            restarts: stats.restarts,
+            last_pause_us: stats
+                .last_pause
+                .map(|p| u64::try_from(p.as_micros()).unwrap_or(u64::MAX)),
+            last_rollback: stats.last_rollback.clone(),
+        }
+    }
+
+    fn publish(&self) {
+        if let Some(m) = &self.metrics {
+            m.publish(metrics::Snapshot {
+                status: self.status(),
+                state: self.machine.phase().as_str(),
+            });
+        }
+    }
+
+    /// Runs until the mount ends.
+    pub fn run(mut self) -> Result<(), SuperviseError> {
+        let end = loop {
+            self.publish();
+            if let Some((sig, deadline)) = self.stopping {
+                let idle = matches!(
+                    self.machine.phase(),
+                    PhaseKind::Idle | PhaseKind::Lost | PhaseKind::Ended
+                );
+                if idle || Instant::now() >= deadline {
+                    break End::Signal(sig);
+                }
+            }
+            let span = self.upgrade_span.clone();
+            let _entered = span.as_ref().map(|s| s.enter());
+            match self.turn() {
+                Ok(None) => {}
+                Ok(Some(end)) => break end,
+                Err(e) => {
+                    self.kill_all();
+                    return Err(e);
+                }
+            }
+        };
+        self.end(end)
+    }
+
+    /// One wait and everything it woke.
+    fn turn(&mut self) -> Result<Option<End>, SuperviseError> {
+        let now = monotonic_now();
+        let mut deadline = self.machine.poll_timeout().map(|t| t.saturating_since(now));
+        if let Some((_, d)) = self.stopping {
+            let left = d.saturating_duration_since(Instant::now());
+            deadline = Some(deadline.map_or(left, |x| x.min(left)));
+        }
+        // Round up: waking before the deadline would only spin.
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(d) => {
+                let ms = d.as_nanos().div_ceil(1_000_000);
+                PollTimeout::try_from(Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX)))
+                    .unwrap_or(PollTimeout::MAX)
+            }
+        };
+
+        let gens: Vec<Generation> = self.clients.keys().copied().collect();
+        let (signal, control, ready) = {
+            let mut fds = vec![
+                PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.control.fd(), PollFlags::POLLIN),
+            ];
+            // Per client: its pidfd, then its channel while open (a closed channel would
+            // report POLLHUP forever).
+            let mut slots = Vec::with_capacity(gens.len());
+            for g in &gens {
+                let c = &self.clients[g];
+                fds.push(PollFd::new(c.process.pidfd().as_fd(), PollFlags::POLLIN));
+                let pid = fds.len() - 1;
+                let channel = c.open.then(|| {
+                    let mut ev = PollFlags::POLLIN;
+                    if !c.queue.is_empty() {
+                        ev |= PollFlags::POLLOUT;
+                    }
+                    fds.push(PollFd::new(c.process.channel().as_fd(), ev));
+                    fds.len() - 1
+                });
+                slots.push((pid, channel));
+            }
+            match nix::poll::poll(&mut fds, timeout) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => return Ok(None),
+                Err(e) => return Err(SuperviseError::Poll(e)),
+            }
+            let any = |f: &PollFd<'_>| f.any().unwrap_or(false);
+            let out = |f: &PollFd<'_>| f.revents().is_some_and(|r| r.contains(PollFlags::POLLOUT));
+            // Per client: readable (or hung up), writable, exited.
+            let ready: Vec<(Generation, bool, bool, bool)> = gens
+                .iter()
+                .zip(slots)
+                .map(|(g, (pid, channel))| {
+                    let (readable, writable) =
+                        channel.map_or((false, false), |i| (in_or_hup(&fds[i]), out(&fds[i])));
+                    (*g, readable, writable, any(&fds[pid]))
+                })
+                .collect();
+            (any(&fds[0]), any(&fds[1]), ready)
+        };
+
+        if signal {
+            if let Some(sig) = read_signal(&self.signals) {
+                if let Some(end) = self.on_signal(sig) {
+                    return Ok(Some(end));
+                }
+            }
+        }
+        for (g, readable, writable, exited) in ready {
+            if writable {
+                self.flush(g);
+            }
+            if readable || exited {
+                self.receive(g);
+            }
+            if exited {
+                self.reap(g);
+            }
+            if let Some(end) = self.execute() {
+                return Ok(Some(end));
+            }
+        }
+        if control {
+            if let Some(end) = self.on_control() {
+                return Ok(Some(end));
+            }
+        }
+        if self
+            .machine
+            .poll_timeout()
+            .is_some_and(|t| t <= monotonic_now())
+        {
+            self.machine.handle_timeout(monotonic_now());
+        }
+        Ok(self.execute())
+    }
+
+    fn on_signal(&mut self, sig: Signal) -> Option<End> {
+        if self.stopping.is_some() {
+            tracing::warn!(signal = %sig, "already stopping");
+            return None;
+        }
+        if self.machine.phase() == PhaseKind::Idle {
+            return Some(End::Signal(sig));
+        }
+        tracing::info!(signal = %sig, "stopping once the upgrade in progress has ended");
+        self.machine.handle_cancel(
+            monotonic_now(),
+            format!("the supervisor was stopped by {sig}"),
+        );
+        self.stopping = Some((sig, Instant::now() + STOP_GRACE));
+        self.execute()
+    }
+
+    /// Reads every message the client `g` has sent.
+    fn receive(&mut self, g: Generation) {
+        loop {
+            let Some(c) = self.clients.get_mut(&g) else {
+                return;
+            };
+            if !c.open {
+                return;
+            }
+            match channel::recv::<ToSupervisor>(c.process.channel().as_fd(), None) {
+                Ok((msg, _)) => {
+                    tracing::debug!(generation = %g, message = ?short(&msg), "from client");
+                    self.machine.handle_message(monotonic_now(), g, msg);
+                }
+                Err(e) if would_block_recv(&e) => return,
+                Err(e) if e.is_closed() => {
+                    c.open = false;
+                    return;
+                }
+                Err(
+                    e @ (RecvError::Frame(_) | RecvError::Decode(_) | RecvError::FdCount { .. }),
+                ) => {
+                    tracing::error!(generation = %g, error = %chain(&e), "dropping an invalid message from the client");
+                }
+                Err(e) => {
+                    tracing::error!(generation = %g, error = %chain(&e), "the client channel broke");
+                    c.open = false;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Client `g`'s pidfd is readable: it exited.
+    fn reap(&mut self, g: Generation) {
+        let Some(c) = self.clients.get_mut(&g) else {
+            return;
+        };
+        match c.process.try_reap() {
+            Ok(None) => {}
+            status => {
+                let exit = exit_info(status.map(|s| s.unwrap_or_default()));
+                tracing::info!(generation = %g, %exit, "client exited");
+                self.clients.remove(&g);
+                self.machine.handle_exit(monotonic_now(), g, exit);
+            }
+        }
+    }
+
+    /// Sends what client `g` has queued, as far as its socket takes it.
+    fn flush(&mut self, g: Generation) {
+        let Some(c) = self.clients.get_mut(&g) else {
+            return;
+        };
+        while let Some((msg, with_fd)) = c.queue.front() {
+            let fuse = self.fuse.as_fd();
+            let fds: &[BorrowedFd<'_>] = if *with_fd { &[fuse] } else { &[] };
+            match channel::send(c.process.channel().as_fd(), msg, fds) {
+                Ok(()) => {
+                    c.queue.pop_front();
+                }
+                Err(e) if would_block_send(&e) => return,
+                Err(e) if peer_gone(&e) => {
+                    // The client closed its end: it exited (its exit follows on the
+                    // pidfd, with the status that says why) or it will be timed out.
+                    tracing::debug!(generation = %g, "not sent: the client closed its channel");
+                    c.queue.clear();
+                    c.open = false;
+                    return;
+                }
+                Err(e) => {
+                    let error = chain(&e);
+                    tracing::warn!(generation = %g, %error, "cannot send to the client");
+                    c.queue.clear();
+                    self.machine.handle_send_failed(monotonic_now(), g, error);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Carries out the machine's actions; `Some` ends the loop.
+    fn execute(&mut self) -> Option<End> {
+        let mut end = None;
+        while let Some(action) = self.machine.poll_action() {
+            match action {
+                Action::Spawn {
+                    generation,
+                    binary,
+                    start,
+                } => self.spawn(generation, binary, start),
+                Action::Send {
+                    to,
+                    msg,
+                    with_fuse_fd,
+                } => match self.clients.get_mut(&to) {
+                    Some(c) => {
+                        c.queue.push_back((msg, with_fuse_fd));
+                        self.flush(to);
+                    }
+                    None => tracing::debug!(generation = %to, "not sent: the client is gone"),
+                },
+                Action::Kill { generation } => {
+                    if let Some(c) = self.clients.get_mut(&generation) {
+                        tracing::warn!(%generation, pid = c.process.pid(), "killing the client");
+                        c.process.kill();
+                    }
+                }
+                Action::WriteResend => match mount::notify_resend(self.fuse.as_fd()) {
+                    Ok(()) => tracing::info!("FUSE_NOTIFY_RESEND written"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot write FUSE_NOTIFY_RESEND: requests the old client read may wait forever")
+                    }
+                },
+                Action::Report(outcome) => self.answer(outcome),
+                Action::MountGone { error } => {
+                    if let Some(e) = error {
+                        tracing::warn!(error = %e, "the client reported a flush error");
+                    }
+                    tracing::info!(
+                        "the FUSE connection ended: the mount was removed outside baton"
+                    );
+                    end = end.or(Some(End::Gone));
+                }
+                Action::Lost { reason } => end = end.or(Some(End::Lost(reason))),
+            }
+        }
+        end
+    }
+
+    fn spawn(&mut self, generation: Generation, binary: PathBuf, start: ToClient) {
+        let process = match ClientProcess::spawn(&binary, &self.client_args) {
+            Ok(p) => p,
+            Err(e) => {
+                let error = chain(&e);
+                tracing::warn!(%generation, %error, "cannot start a client");
+                self.machine
+                    .handle_spawn_failed(monotonic_now(), generation, error);
+                return;
+            }
+        };
+        if let Err(e) = nix::fcntl::fcntl(
+            process.channel(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        ) {
+            tracing::warn!(error = %e, "cannot make the client channel non-blocking");
+        }
+        tracing::info!(%generation, pid = process.pid(), binary = %binary.display(), "client started");
+        let mut queue = VecDeque::new();
+        queue.push_back((start, false));
+        self.clients.insert(
+            generation,
+            Client {
+                process,
+                open: true,
+                queue,
+            },
+        );
+        self.flush(generation);
+    }
+
+    fn answer(&mut self, outcome: Outcome) {
+        let response = match outcome {
+            Outcome::Upgraded(r) => ControlResponse::Upgraded(r),
+            Outcome::RolledBack(r) => ControlResponse::RolledBack(r),
+            Outcome::Failed { message } => ControlResponse::Error { message },
+        };
+        self.upgrade_span = None;
+        match self.pending.take() {
+            Some(conn) => {
+                if let Err(e) = conn.respond(&response) {
+                    tracing::warn!(error = %chain(&e), "cannot answer `baton upgrade` (it went away?)");
+                }
+            }
+            None => tracing::info!(?response, "upgrade ended; nobody waits for the answer"),
+        }
+    }
+
+    /// Accepts and answers one control connection.
+    fn on_control(&mut self) -> Option<End> {
+        let conn = match self.control.accept() {
+            Ok(Some(c)) => c,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "control connection refused");
+                return None;
+            }
+        };
+        let request = match conn.recv_request() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "bad control request");
+                return None;
+            }
+        };
+        tracing::info!(?request, uid = conn.uid, pid = conn.pid, "control request");
+        let response = match request {
+            ControlRequest::Status => ControlResponse::Status(self.status()),
+            ControlRequest::Upgrade {
+                binary,
+                timeout_ms,
+                force_drain,
+                cache_dir,
+                cache_bytes,
+            } => {
+                if self.stopping.is_some() {
+                    ControlResponse::Error {
+                        message: "the supervisor is stopping".into(),
+                    }
+                } else {
+                    let req = UpgradeRequest {
+                        binary,
+                        timeout: Duration::from_millis(timeout_ms.max(1)),
+                        force_drain,
+                        options: ClientOptions {
+                            cache_dir,
+                            cache_bytes,
+                        },
+                    };
+                    let old = self.machine.serving().generation;
+                    match self.machine.handle_request(monotonic_now(), req) {
+                        Ok(()) => {
+                            self.upgrade_span = Some(tracing::info_span!("upgrade", from = %old));
+                            self.pending = Some(conn);
+                            return self.execute();
+                        }
+                        Err(e) => ControlResponse::Error {
+                            message: e.to_string(),
+                        },
+                    }
+                }
+            }
+            ControlRequest::Umount { lazy } => {
+                if self.machine.phase() != PhaseKind::Idle {
+                    ControlResponse::Error {
+                        message: format!(
+                            "cannot unmount while the client is {}; try again when it has finished",
+                            self.machine.phase().as_str()
+                        ),
+                    }
+                } else {
+                    match mount::umount(&self.facts.mountpoint, lazy) {
+                        Err(UmountError::Busy(_)) => {
+                            tracing::info!("umount refused: the mount is busy; still serving");
+                            ControlResponse::Busy
+                        }
+                        Err(e @ UmountError::Failed { .. }) => {
+                            ControlResponse::Error { message: chain(&e) }
+                        }
+                        Ok(()) | Err(UmountError::NotMounted(_)) => {
+                            tracing::info!(lazy, "unmounted on request");
+                            return Some(End::Unmounted(conn));
+                        }
+                    }
+                }
+            }
+        };
+        if let Err(e) = conn.respond(&response) {
+            tracing::warn!(error = %chain(&e), "cannot answer the control request");
+        }
+        None
+    }
+
+    /// Ends the mount: every client but the serving one is killed; the serving one
+    /// flushes and exits; the descriptor is closed last.
+    fn end(mut self, end: End) -> Result<(), SuperviseError> {
+        if let Some(conn) = self.pending.take() {
+            let _ = conn.respond(&ControlResponse::Error {
+                message: "the supervisor stopped during the upgrade".into(),
+            });
+        }
+        let result = match end {
+            End::Lost(reason) => {
+                let _ = mount::umount(&self.facts.mountpoint, true);
+                self.kill_all();
+                return Err(SuperviseError::Lost { reason });
+            }
+            End::Signal(sig) => {
+                tracing::info!(signal = %sig, "stopping: detaching the mount");
+                match mount::umount(&self.facts.mountpoint, true) {
+                    Ok(()) | Err(UmountError::NotMounted(_)) => {}
+                    Err(e) => tracing::warn!(error = %chain(&e), "cannot detach the mount"),
+                }
+                self.stop_clients()
+            }
+            End::Gone => self.stop_clients(),
+            End::Unmounted(conn) => {
+                let flush_error = self.stop_clients();
+                let _ = conn.respond(&ControlResponse::Umounted {
+                    flush_error: flush_error.clone(),
+                });
+                flush_error
+            }
+        };
+        match result {
+            None => {
+                tracing::info!("stopped cleanly");
+                Ok(())
+            }
+            Some(e) => Err(SuperviseError::Flush(e)),
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for c in self.clients.values_mut() {
+            c.process.kill();
+            let _ = c.process.reap(EXIT_TIMEOUT);
+        }
+        self.clients.clear();
+    }
+
+    /// Kills the clients that do not serve; tells the serving one to shut down, waits for
+    /// its answer, reaps it. Returns what it could not flush.
+    fn stop_clients(&mut self) -> Option<String> {
+        let serving = self.machine.serving().generation;
+        let Some(mut client) = self.clients.remove(&serving) else {
+            self.kill_all();
+            return None;
+        };
+        self.kill_all();
+        let sock = client.process.channel().as_fd();
+        if let Err(e) = channel::send(sock, &ToClient::Shutdown, &[]) {
+            tracing::warn!(error = %chain(&e), "cannot send Shutdown to the client");
+        }
+        let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+        let result = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match channel::recv::<ToSupervisor>(sock, Some(left)) {
+                Ok((ToSupervisor::ShutdownDone { error }, _)) => break error,
+                Ok((other, _)) => {
+                    tracing::debug!(message = %short(&other), "ignoring a message while the client shuts down");
+                }
+                Err(e) if would_block_recv(&e) => {}
+                Err(e) if e.is_closed() => {
+                    break Some("the client exited without answering Shutdown".into());
+                }
+                Err(e) => break Some(chain(&e)),
+            }
+        };
+        let status = exit_info(client.process.reap(EXIT_TIMEOUT));
+        tracing::info!(%status, "client exited");
+        result
+    }
+}
+
+/// Readable, or the peer hung up (a closed channel reads as end of file).
+fn in_or_hup(f: &PollFd<'_>) -> bool {
+    f.revents()
+        .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR))
+}
+
+fn read_signal(signals: &SignalFd) -> Option<Signal> {
+    match signals.read_signal() {
+        Ok(Some(info)) => Signal::try_from(info.ssi_signo as i32).ok(),
+        _ => None,
+    }
+}
+
+fn short(msg: &ToSupervisor) -> String {
+    format!("{msg:?}").chars().take(80).collect()
+}

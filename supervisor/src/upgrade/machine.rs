@@ -1,0 +1,628 @@
+//! The upgrade state machine: one live upgrade at a time, its rollback, and the restart of
+//! a successor that dies after the commit. Sans-IO: no sockets, no clock, no processes.
+//! Inputs are `handle_*(now, ...)`, outputs [`Machine::poll_action`] and
+//! [`Machine::poll_timeout`]; [`super::driver`] is the only code that acts on them. Clients
+//! are addressed by generation, which only grows.
+//!
+//! ```text
+//!  Idle ──request──> Upgrading: Preparing ──Prepared(new); hello(old) ∩ hello(new)──>
+//!     PreFlushing ──PreFlushed(old)──> Freezing ──State*(old, forwarded to new), Frozen──>
+//!     Importing ──InitReply(new) == saved reply──> Committing ──old reaped──>
+//!     [WriteResend] Serve(new) ──> Confirming ──FirstServed, or 200 ms──> Idle: Upgraded,
+//!     the new client on probation (30 s) with the handed-over state kept
+//!
+//!  any failure before the commit ──> RollingBack: Shutdown(new), Thaw(old) ──Thawed──>
+//!     Idle: RolledBack (no Thaw when nothing was frozen)
+//!  new dies after the commit, or on probation; or the frozen old one dies and the new one
+//!     fails ──> Restarting: the previous binary, same session, the kept state, Init,
+//!     InitReply ──> [WriteResend] Serve ──> Confirming ──> Idle (RolledBack if an upgrade
+//!     waits); a failed attempt is killed and retried with backoff, without end
+//!  the serving client dies with no complete state to restart from ──> Lost
+//!  SessionEnded from a serving client ──> Ended
+//! ```
+//!
+//! What must hold (property-tested in `tests.rs`): at most one generation is told to
+//! serve at a time and none while another one that was told may still read; RESEND is
+//! written only when no client reads (after the old one was reaped, before `Serve`);
+//! generations only grow; every upgrade ends in exactly one report; nothing here can drop
+//! the supervisor's /dev/fuse descriptor (no action does).
+
+mod handover;
+mod restart;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use handover_proto::control::UpgradeReport;
+use handover_proto::fuse_init::InitRequest;
+use handover_proto::message::{FreezeMode, Generation, MountSpec, ToClient, ToSupervisor};
+use handover_proto::state::{self, Assembler};
+
+use super::negotiate::Agreement;
+use super::types::{
+    Action, ClientInfo, ExitInfo, Outcome, PhaseKind, RequestRefused, Stats, Timestamp, Timings,
+    UpgradeRequest,
+};
+
+/// A client's complete exported state, kept until the successor serves (it is needed
+/// again to restart a successor that dies after the commit).
+#[derive(Debug)]
+struct Snapshot {
+    version: u16,
+    bytes: Vec<u8>,
+}
+
+/// A client that took over recently: if it dies before `until`, its predecessor's binary
+/// is started again from the state it was handed (it is presumed broken, and the state
+/// is still close to the truth); after `until` the state is dropped.
+#[derive(Debug)]
+struct Probation {
+    snapshot: Arc<Snapshot>,
+    /// The client whose binary, spec and session a restart reuses.
+    base: ClientInfo,
+    until: Timestamp,
+    /// Restarts in a row so far (for the backoff).
+    attempts: u32,
+}
+
+/// One upgrade, from the request to its report.
+#[derive(Debug)]
+struct Upgrade {
+    started: Timestamp,
+    deadline: Timestamp,
+    timeout: std::time::Duration,
+    force_drain: bool,
+    old: ClientInfo,
+    old_alive: bool,
+    new_gen: Generation,
+    new_binary: std::path::PathBuf,
+    new_spec: MountSpec,
+    new: Option<ClientInfo>,
+    new_alive: bool,
+    /// Why the new client is gone, once it is.
+    new_fate: Option<String>,
+    mode: Option<FreezeMode>,
+    freeze_at: Option<Timestamp>,
+    handed_over: u32,
+    snapshot: Option<Arc<Snapshot>>,
+    step: Step,
+}
+
+#[derive(Debug)]
+enum Step {
+    /// The new client was spawned and sent `Start`; waiting for `Prepared`.
+    Preparing,
+    /// `PreFlush` sent to the old client.
+    PreFlushing(Agreement),
+    /// `Freeze` sent; the old client's state chunks are forwarded as they come.
+    Freezing(Agreement, Assembler),
+    /// The state and `Init` + fd went to the new client; waiting for its INIT reply.
+    Importing,
+    /// `Commit` sent (or the frozen old client died): waiting until it is reaped.
+    Committing,
+    /// The new client was told to serve; waiting for its first request to be answered.
+    Confirming {
+        serve_at: Timestamp,
+        until: Timestamp,
+    },
+}
+
+impl Step {
+    fn name(&self) -> &'static str {
+        match self {
+            Step::Preparing => "Prepared",
+            Step::PreFlushing(_) => "PreFlushed",
+            Step::Freezing(..) => "Frozen",
+            Step::Importing => "InitReply",
+            Step::Committing => "the old client's exit",
+            Step::Confirming { .. } => "FirstServed",
+        }
+    }
+
+    fn before_commit(&self) -> bool {
+        match self {
+            Step::Preparing | Step::PreFlushing(_) | Step::Freezing(..) | Step::Importing => true,
+            Step::Committing | Step::Confirming { .. } => false,
+        }
+    }
+}
+
+/// Rolling back: the new client was told to shut down; the old one to thaw.
+#[derive(Debug)]
+struct Rollback {
+    up: Box<Upgrade>,
+    reason: String,
+    thaw_until: Timestamp,
+    /// The freeze's state transfer, still collected: if the old client dies before it
+    /// thaws, a whole state is what a restart needs.
+    assembling: Option<(u16, Assembler)>,
+}
+
+/// Starting another client from a saved state, after the one that should serve died.
+#[derive(Debug)]
+struct Restart {
+    reason: String,
+    snapshot: Arc<Snapshot>,
+    /// The client whose binary, spec and session are reused.
+    base: ClientInfo,
+    attempts: u32,
+    last_failure: Option<String>,
+    step: RestartStep,
+    /// The upgrade still to be answered, if any.
+    report: Option<Box<Upgrade>>,
+}
+
+#[derive(Debug)]
+enum RestartStep {
+    /// Until `until`, and until client `waiting` (a killed attempt) has exited.
+    Backoff {
+        until: Timestamp,
+        waiting: Option<Generation>,
+    },
+    Preparing {
+        attempt_gen: Generation,
+        deadline: Timestamp,
+    },
+    Importing {
+        info: ClientInfo,
+        deadline: Timestamp,
+    },
+    Confirming {
+        info: ClientInfo,
+        serve_at: Timestamp,
+        until: Timestamp,
+    },
+}
+
+impl RestartStep {
+    fn attempt(&self) -> Option<Generation> {
+        match self {
+            RestartStep::Backoff { .. } => None,
+            RestartStep::Preparing { attempt_gen, .. } => Some(*attempt_gen),
+            RestartStep::Importing { info, .. } | RestartStep::Confirming { info, .. } => {
+                Some(info.generation)
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    Idle,
+    Upgrading(Box<Upgrade>),
+    RollingBack(Box<Rollback>),
+    Restarting(Box<Restart>),
+    Lost { reason: String },
+    Ended,
+}
+
+/// Everything but a request, which can be refused.
+#[derive(Debug)]
+enum Input {
+    Message(Generation, ToSupervisor),
+    Exit(Generation, ExitInfo),
+    SpawnFailed(Generation, String),
+    SendFailed(Generation, String),
+    Timeout,
+    Cancel(String),
+}
+
+/// The supervisor's decisions about its client processes, for one mount.
+#[derive(Debug)]
+pub struct Machine {
+    timings: Timings,
+    init_request: Vec<u8>,
+    init_reply: Vec<u8>,
+    init_unique: u64,
+    kernel_resend: bool,
+    /// The client last told to serve (the first one was, at the first mount).
+    serving: ClientInfo,
+    next_gen: Generation,
+    phase: Phase,
+    /// Client processes started and not yet seen exiting.
+    alive: BTreeSet<Generation>,
+    /// Alive clients that were told to serve: they may read /dev/fuse.
+    readers: BTreeSet<Generation>,
+    /// Clients on their way out, with the time they get killed (`None`: killed).
+    retiring: BTreeMap<Generation, Option<Timestamp>>,
+    probation: Option<Probation>,
+    stats: Stats,
+    actions: VecDeque<Action>,
+}
+
+fn short(msg: &ToSupervisor) -> String {
+    let s = format!("{msg:?}");
+    let end = s.find([' ', '(', '{']).unwrap_or(s.len());
+    s[..end].to_string()
+}
+
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl Machine {
+    /// A machine for a mount whose client `serving` serves a connection initialized with
+    /// `init_request` / `init_reply` (the bytes the kernel and the first client exchanged).
+    pub fn new(
+        serving: ClientInfo,
+        init_request: Vec<u8>,
+        init_reply: Vec<u8>,
+        timings: Timings,
+    ) -> Machine {
+        let parsed = InitRequest::parse(&init_request).ok();
+        let next_gen = Generation(serving.generation.0 + 1);
+        let mut alive = BTreeSet::new();
+        alive.insert(serving.generation);
+        Machine {
+            timings,
+            init_unique: parsed.map_or(0, |r| r.unique),
+            kernel_resend: parsed.is_some_and(|r| r.has_resend()),
+            init_request,
+            init_reply,
+            readers: alive.clone(),
+            alive,
+            serving,
+            next_gen,
+            phase: Phase::Idle,
+            retiring: BTreeMap::new(),
+            probation: None,
+            stats: Stats::default(),
+            actions: VecDeque::new(),
+        }
+    }
+
+    // --- outputs --------------------------------------------------------------------
+
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Machine::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        let phase = match &self.phase {
+            Phase::Idle => self.probation.as_ref().map(|p| p.until),
+            Phase::Lost { .. } | Phase::Ended => None,
+            Phase::Upgrading(up) => match up.step {
+                Step::Committing => None,
+                Step::Confirming { until, .. } => Some(until),
+                _ => Some(up.deadline),
+            },
+            Phase::RollingBack(rb) => Some(rb.thaw_until),
+            Phase::Restarting(r) => match &r.step {
+                RestartStep::Backoff { until, .. } => Some(*until),
+                RestartStep::Preparing { deadline, .. }
+                | RestartStep::Importing { deadline, .. } => Some(*deadline),
+                RestartStep::Confirming { until, .. } => Some(*until),
+            },
+        };
+        self.retiring.values().flatten().copied().chain(phase).min()
+    }
+
+    /// The client that serves (or served last).
+    pub fn serving(&self) -> &ClientInfo {
+        &self.serving
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Whether the kernel offered FUSE_NOTIFY_RESEND.
+    pub fn kernel_resend(&self) -> bool {
+        self.kernel_resend
+    }
+
+    pub fn phase(&self) -> PhaseKind {
+        match self.phase {
+            Phase::Idle => PhaseKind::Idle,
+            Phase::Upgrading(_) => PhaseKind::Upgrading,
+            Phase::RollingBack(_) => PhaseKind::RollingBack,
+            Phase::Restarting(_) => PhaseKind::Restarting,
+            Phase::Lost { .. } => PhaseKind::Lost,
+            Phase::Ended => PhaseKind::Ended,
+        }
+    }
+
+    // --- inputs ---------------------------------------------------------------------
+
+    /// `baton upgrade`: starts the new client, or refuses.
+    pub fn handle_request(
+        &mut self,
+        now: Timestamp,
+        req: UpgradeRequest,
+    ) -> Result<(), RequestRefused> {
+        match &self.phase {
+            Phase::Idle => {}
+            Phase::Upgrading(_) | Phase::RollingBack(_) => return Err(RequestRefused::InProgress),
+            Phase::Restarting(r) => {
+                return Err(RequestRefused::Restarting {
+                    reason: r.reason.clone(),
+                });
+            }
+            Phase::Lost { reason } => {
+                return Err(RequestRefused::Lost {
+                    reason: reason.clone(),
+                });
+            }
+            Phase::Ended => return Err(RequestRefused::Ended),
+        }
+        // A new handover makes a new state; the one kept for the last is dropped.
+        self.probation = None;
+        let old = self.serving.clone();
+        let new_binary = req.binary.unwrap_or_else(|| old.binary.clone());
+        let new_spec = req.options.apply(&old.spec);
+        let new_gen = self.spawn(&new_binary, &new_spec, old.session);
+        tracing::info!(
+            old = %old.generation, new = %new_gen, binary = %new_binary.display(),
+            timeout = ?req.timeout, force_drain = req.force_drain,
+            "upgrade: starting the new client"
+        );
+        self.phase = Phase::Upgrading(Box::new(Upgrade {
+            started: now,
+            deadline: now + req.timeout,
+            timeout: req.timeout,
+            force_drain: req.force_drain,
+            old,
+            old_alive: true,
+            new_gen,
+            new_binary,
+            new_spec,
+            new: None,
+            new_alive: true,
+            new_fate: None,
+            mode: None,
+            freeze_at: None,
+            handed_over: 0,
+            snapshot: None,
+            step: Step::Preparing,
+        }));
+        Ok(())
+    }
+
+    /// A message from client `from`.
+    pub fn handle_message(&mut self, now: Timestamp, from: Generation, msg: ToSupervisor) {
+        self.step(now, Input::Message(from, msg));
+    }
+
+    /// Client `generation` exited (and was reaped). Its messages were all handled before.
+    pub fn handle_exit(&mut self, now: Timestamp, generation: Generation, exit: ExitInfo) {
+        self.alive.remove(&generation);
+        self.readers.remove(&generation);
+        self.retiring.remove(&generation);
+        self.step(now, Input::Exit(generation, exit));
+    }
+
+    /// [`Action::Spawn`] failed: client `generation` never ran.
+    pub fn handle_spawn_failed(&mut self, now: Timestamp, generation: Generation, error: String) {
+        self.alive.remove(&generation);
+        self.readers.remove(&generation);
+        self.retiring.remove(&generation);
+        self.step(now, Input::SpawnFailed(generation, error));
+    }
+
+    /// [`Action::Send`] failed: client `generation` cannot be talked to.
+    pub fn handle_send_failed(&mut self, now: Timestamp, generation: Generation, error: String) {
+        self.step(now, Input::SendFailed(generation, error));
+    }
+
+    /// Time passed (at or after [`Machine::poll_timeout`]).
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        let due: Vec<Generation> = self
+            .retiring
+            .iter()
+            .filter(|(_, t)| t.is_some_and(|t| t <= now))
+            .map(|(g, _)| *g)
+            .collect();
+        for generation in due {
+            tracing::warn!(%generation, "client did not exit in time; killing it");
+            self.kill(generation);
+        }
+        self.step(now, Input::Timeout);
+    }
+
+    /// The supervisor is stopping: roll an upgrade back if it has not committed. After the
+    /// commit it runs to its end (the old client is gone).
+    pub fn handle_cancel(&mut self, now: Timestamp, reason: String) {
+        self.step(now, Input::Cancel(reason));
+    }
+
+    // --- emitting -------------------------------------------------------------------
+
+    fn spawn(&mut self, binary: &std::path::Path, spec: &MountSpec, session: u64) -> Generation {
+        let generation = self.next_gen;
+        self.next_gen = Generation(generation.0 + 1);
+        self.alive.insert(generation);
+        self.actions.push_back(Action::Spawn {
+            generation,
+            binary: binary.to_path_buf(),
+            start: ToClient::Start {
+                generation,
+                spec: spec.clone(),
+                resume_session: Some(session),
+            },
+        });
+        generation
+    }
+
+    fn send(&mut self, to: Generation, msg: ToClient) {
+        self.actions.push_back(Action::Send {
+            to,
+            msg,
+            with_fuse_fd: false,
+        });
+    }
+
+    fn send_state_and_init(&mut self, to: Generation, snapshot: &Snapshot) {
+        for chunk in state::split(&snapshot.bytes) {
+            self.send(to, ToClient::State(chunk));
+        }
+        self.send_init(to);
+    }
+
+    fn send_init(&mut self, to: Generation) {
+        self.actions.push_back(Action::Send {
+            to,
+            msg: ToClient::Init {
+                request: self.init_request.clone(),
+            },
+            with_fuse_fd: true,
+        });
+    }
+
+    /// RESEND, then `Serve` to `info`: only when no client reads.
+    fn resend_and_serve(&mut self, info: &ClientInfo, resend: bool) {
+        debug_assert!(
+            self.readers.is_empty(),
+            "serve while {:?} read",
+            self.readers
+        );
+        if resend {
+            self.actions.push_back(Action::WriteResend);
+        }
+        self.readers.insert(info.generation);
+        self.serving = info.clone();
+        self.send(info.generation, ToClient::Serve);
+    }
+
+    fn kill(&mut self, generation: Generation) {
+        if self.alive.contains(&generation) {
+            self.actions.push_back(Action::Kill { generation });
+            self.retiring.insert(generation, None);
+        }
+    }
+
+    /// `Shutdown` to a client that never served, killed if it does not exit in time.
+    fn shut_down(&mut self, now: Timestamp, generation: Generation) {
+        if self.alive.contains(&generation) && !self.retiring.contains_key(&generation) {
+            self.send(generation, ToClient::Shutdown);
+            self.retiring
+                .insert(generation, Some(now + self.timings.shutdown_grace));
+        }
+    }
+
+    fn report(&mut self, outcome: Outcome) {
+        self.actions.push_back(Action::Report(outcome));
+    }
+
+    fn upgrade_report(
+        up: &Upgrade,
+        now: Timestamp,
+        serving: &ClientInfo,
+        pause_end: Timestamp,
+        reason: Option<String>,
+    ) -> UpgradeReport {
+        UpgradeReport {
+            old_generation: up.old.generation,
+            old_version: up.old.version.clone(),
+            new_generation: serving.generation,
+            new_version: serving.version.clone(),
+            mode: up.mode,
+            pause_us: up
+                .freeze_at
+                .map_or(0, |f| micros(pause_end.saturating_since(f))),
+            handed_over_requests: up.handed_over,
+            total_us: micros(now.saturating_since(up.started)),
+            reason,
+        }
+    }
+
+    /// The connection ended (unmounted from outside); `pending`: an upgrade awaits its
+    /// answer.
+    fn ended(&mut self, error: Option<String>, pending: bool) -> Phase {
+        tracing::info!("the FUSE connection ended");
+        if pending {
+            self.report(Outcome::Failed {
+                message: "the mount was removed during the upgrade".into(),
+            });
+        }
+        self.actions.push_back(Action::MountGone { error });
+        Phase::Ended
+    }
+
+    fn lost(&mut self, reason: String, up: Option<&Upgrade>) -> Phase {
+        tracing::error!(%reason, "no client can serve the mount");
+        self.probation = None;
+        for g in self.alive.clone() {
+            self.kill(g);
+        }
+        if up.is_some() {
+            self.report(Outcome::Failed {
+                message: format!("{reason}; the mount was lost"),
+            });
+        }
+        self.actions.push_back(Action::Lost {
+            reason: reason.clone(),
+        });
+        Phase::Lost { reason }
+    }
+
+    // --- transitions ----------------------------------------------------------------
+
+    fn step(&mut self, now: Timestamp, input: Input) {
+        let phase = std::mem::replace(&mut self.phase, Phase::Ended);
+        self.phase = match (phase, input) {
+            (Phase::Idle, input) => self.on_idle(now, input),
+            (Phase::Upgrading(up), input) => self.on_upgrading(now, up, input),
+            (Phase::RollingBack(rb), input) => self.on_rolling_back(now, rb, input),
+            (Phase::Restarting(r), input) => self.on_restarting(now, r, input),
+            (p @ Phase::Lost { .. }, _) | (p @ Phase::Ended, _) => p,
+        };
+    }
+
+    fn on_idle(&mut self, now: Timestamp, input: Input) -> Phase {
+        let serving = self.serving.generation;
+        match input {
+            Input::Message(g, msg) if g == serving => match msg {
+                ToSupervisor::SessionEnded { error } => self.ended(error, false),
+                ToSupervisor::Failed { reason } => {
+                    tracing::error!(%reason, "the serving client reports a failure");
+                    Phase::Idle
+                }
+                ToSupervisor::Prepared { .. }
+                | ToSupervisor::InitReply { .. }
+                | ToSupervisor::ShutdownDone { .. }
+                | ToSupervisor::PreFlushed { .. }
+                | ToSupervisor::State(_)
+                | ToSupervisor::Frozen { .. }
+                | ToSupervisor::FreezeFailed { .. }
+                | ToSupervisor::Thawed
+                | ToSupervisor::FirstServed { .. } => {
+                    tracing::debug!(message = %short(&msg), "ignoring a message from the serving client");
+                    Phase::Idle
+                }
+            },
+            Input::Message(g, msg) => {
+                tracing::debug!(generation = %g, message = %short(&msg), "ignoring a message from a retiring client");
+                Phase::Idle
+            }
+            Input::Exit(g, exit) if g == serving => match self.probation.take() {
+                Some(p) => {
+                    let reason = format!(
+                        "the client (generation {g}) exited ({exit}) within {:?} of taking over",
+                        self.timings.probation
+                    );
+                    self.restart_on_probation(now, p, reason)
+                }
+                None => self.lost(
+                    format!("the client (generation {g}) exited unexpectedly ({exit})"),
+                    None,
+                ),
+            },
+            Input::Timeout => {
+                if self.probation.as_ref().is_some_and(|p| now >= p.until) {
+                    tracing::debug!("probation over: dropping the handed-over state");
+                    self.probation = None;
+                }
+                Phase::Idle
+            }
+            Input::SendFailed(g, error) if g == serving => {
+                tracing::warn!(%error, "cannot talk to the serving client");
+                Phase::Idle
+            }
+            Input::Exit(..) | Input::SpawnFailed(..) | Input::SendFailed(..) | Input::Cancel(_) => {
+                Phase::Idle
+            }
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! One upgrade at a time against scripted fake clients: the happy paths (resend, drain,
+//! forced drain), every rollback cause, a crash of either side at every step, hangs, and
+//! the restart of a successor that dies after the commit.
+
+use std::time::Duration;
+
+use handover_proto::control::UpgradeReport;
+use handover_proto::message::{FreezeMode, Generation, capability};
+
+use super::sim::{
+    Fault, MISSING_BINARY, NEW_BINARY, OLD_BINARY, Point, Script, Seen, Sim, hello_all, init_reply,
+};
+use crate::upgrade::{Outcome, PhaseKind, Timings};
+
+const LONG: Duration = Duration::from_secs(600);
+
+fn upgraded(sim: &Sim) -> UpgradeReport {
+    match sim.reports().as_slice() {
+        [Outcome::Upgraded(r)] => r.clone(),
+        other => panic!("expected one Upgraded report, got {other:?}"),
+    }
+}
+
+fn rolled_back(sim: &Sim) -> UpgradeReport {
+    match sim.reports().as_slice() {
+        [Outcome::RolledBack(r)] => r.clone(),
+        other => panic!("expected one RolledBack report, got {other:?}"),
+    }
+}
+
+/// Runs one upgrade to `new` (scripted by `new_script`) from an acknowledging old client.
+fn upgrade_with(new_script: Script, resend: bool, force_drain: bool) -> Sim {
+    let mut sim = Sim::new(Script::ack("1.0"), resend);
+    sim.scripts.push_back(new_script);
+    sim.request(Some(NEW_BINARY), force_drain).expect("request");
+    sim.run(LONG);
+    sim
+}
+
+#[test]
+fn upgrade_in_resend_mode_follows_the_protocol_order() {
+    let sim = upgrade_with(Script::ack("2.0"), true, false);
+    let r = upgraded(&sim);
+    assert_eq!(r.old_generation, Generation(1));
+    assert_eq!(r.new_generation, Generation(2));
+    assert_eq!(
+        (r.old_version.as_str(), r.new_version.as_str()),
+        ("1.0", "2.0")
+    );
+    assert_eq!(r.mode, Some(FreezeMode::Resend));
+    assert_eq!(r.handed_over_requests, 3);
+    // Freeze at t0, FirstServed 700 µs after Serve, no virtual time in between.
+    assert_eq!(r.pause_us, 700);
+    assert_eq!(r.reason, None);
+    let sent = sim.sent();
+    let order: Vec<(u64, &str)> = sent.into_iter().filter(|(_, n)| *n != "State").collect();
+    assert_eq!(
+        order,
+        vec![
+            (1, "PreFlush"),
+            (1, "Freeze(resend)"),
+            (2, "Init"),
+            (1, "Commit"),
+            (2, "Serve"),
+        ]
+    );
+    // RESEND after the old client's exit was handled and before Serve.
+    let resend = sim
+        .seen
+        .iter()
+        .position(|s| *s == Seen::Resend)
+        .expect("resend");
+    let serve = sim
+        .seen
+        .iter()
+        .position(|s| *s == Seen::Sent(Generation(2), "Serve"))
+        .expect("serve");
+    assert!(resend < serve);
+    assert!(!sim.fake(1).alive);
+    assert_eq!(sim.fake(2).got_state, sim.fake(1).export());
+    assert_eq!(sim.m.serving().generation, Generation(2));
+    assert_eq!(sim.m.serving().binary.to_str(), Some(NEW_BINARY));
+    assert_eq!(sim.m.stats().upgrades, 1);
+    assert_eq!(sim.m.stats().last_pause, Some(Duration::from_micros(700)));
+    assert_eq!(sim.phase(), PhaseKind::Idle);
+}
+
+#[test]
+fn a_state_of_several_chunks_is_forwarded_whole() {
+    let mut sim = Sim::new(
+        Script {
+            state_len: 3 * handover_proto::state::CHUNK_BYTES + 17,
+            ..Script::ack("1.0")
+        },
+        true,
+    );
+    sim.request(None, false).expect("request");
+    sim.run(LONG);
+    upgraded(&sim);
+    assert_eq!(
+        sim.sent()
+            .iter()
+            .filter(|(g, n)| *g == 2 && *n == "State")
+            .count(),
+        4
+    );
+    assert_eq!(sim.fake(2).got_state, sim.fake(1).export());
+    // Same binary by default.
+    assert_eq!(sim.m.serving().binary.to_str(), Some(OLD_BINARY));
+}
+
+#[test]
+fn drain_mode_without_kernel_resend_and_when_forced() {
+    for (resend, force) in [(false, false), (true, true)] {
+        let sim = upgrade_with(Script::ack("2.0"), resend, force);
+        let r = upgraded(&sim);
+        assert_eq!(
+            r.mode,
+            Some(FreezeMode::Drain),
+            "resend {resend} force {force}"
+        );
+        assert!(!sim.seen.contains(&Seen::Resend), "no RESEND in drain mode");
+        assert!(sim.sent().contains(&(1, "Freeze(drain)")));
+    }
+}
+
+#[test]
+fn pause_is_until_serve_when_no_request_comes() {
+    let sim = upgrade_with(
+        Script {
+            first_request_after: None,
+            ..Script::ack("2.0")
+        },
+        true,
+        false,
+    );
+    let r = upgraded(&sim);
+    assert_eq!(
+        r.pause_us, 0,
+        "no virtual time passed between the freeze and Serve"
+    );
+    // The report waits for the confirmation window.
+    assert_eq!(r.total_us, Timings::default().confirm_window.as_micros() as u64);
+}
+
+#[test]
+fn missing_binary_rolls_back_before_anything_is_paused() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    sim.request(Some(MISSING_BINARY), false).expect("request");
+    sim.run(LONG);
+    let r = rolled_back(&sim);
+    let reason = r.reason.unwrap_or_default();
+    assert!(
+        reason.contains(MISSING_BINARY) && reason.contains("No such file"),
+        "{reason}"
+    );
+    assert_eq!(r.pause_us, 0);
+    assert_eq!(r.new_generation, Generation(1));
+    assert!(
+        !sim.sent().iter().any(|(g, _)| *g == 1),
+        "the old client was never touched"
+    );
+    assert_eq!(sim.m.stats().rollbacks, 1);
+    assert_eq!(
+        sim.m.stats().last_rollback.as_deref(),
+        Some(reason.as_str())
+    );
+    // The next upgrade uses a new generation number.
+    sim.request(Some(NEW_BINARY), false)
+        .expect("second request");
+    sim.run(LONG);
+    assert_eq!(sim.reports().len(), 2);
+    assert!(matches!(sim.reports()[1], Outcome::Upgraded(r) if r.new_generation == Generation(3)));
+}
+
+/// The old client serves on: it is alive, reads, is not frozen, and is the one serving.
+fn assert_old_serves(sim: &Sim) {
+    let old = sim.fake(1);
+    assert!(old.alive && old.reading && !old.frozen, "{old:?}");
+    assert_eq!(sim.m.serving().generation, Generation(1));
+    assert_eq!(sim.phase(), PhaseKind::Idle);
+    for (g, f) in &sim.fakes {
+        if *g != Generation(1) {
+            assert!(!f.alive, "generation {g} still runs");
+        }
+    }
+}
+
+fn rollback_reason(new_script: Script) -> String {
+    let sim = upgrade_with(new_script, true, false);
+    let r = rolled_back(&sim);
+    assert_old_serves(&sim);
+    r.reason.unwrap_or_default()
+}
+
+#[test]
+fn every_rollback_cause_leaves_the_old_client_serving() {
+    let ack = || Script::ack("2.0");
+    let cases: Vec<(&str, Script, &str)> = vec![
+        (
+            "exits at start",
+            ack().with_fault(Point::Start, Fault::Crash),
+            "exited",
+        ),
+        (
+            "fails at start",
+            ack().with_fault(Point::Start, Fault::Fail),
+            "fake failure",
+        ),
+        (
+            "wrong state version",
+            Script {
+                hello: handover_proto::message::Hello {
+                    state_versions: vec![2],
+                    ..hello_all()
+                },
+                ..ack()
+            },
+            "state version mismatch",
+        ),
+        (
+            "no takeover",
+            Script {
+                hello: handover_proto::message::Hello {
+                    state_versions: vec![1],
+                    capabilities: vec![capability::DRAIN.into()],
+                },
+                ..ack()
+            },
+            "capability mismatch",
+        ),
+        (
+            "other session",
+            Script {
+                session: Some(5),
+                ..ack()
+            },
+            "session 5",
+        ),
+        (
+            "bad INIT reply",
+            Script {
+                init_reply: Some(init_reply(1 << 24)),
+                ..ack()
+            },
+            "INIT parameters mismatch: max_write 16777216 instead of 1048576",
+        ),
+        (
+            "state import fails",
+            ack().with_fault(Point::Init, Fault::Fail),
+            "fake failure at Some(Init)",
+        ),
+        (
+            "crashes on a chunk",
+            ack().with_fault(Point::StateChunk, Fault::Crash),
+            "exited",
+        ),
+        (
+            "crashes at Init",
+            ack().with_fault(Point::Init, Fault::Crash),
+            "before it was ready",
+        ),
+        (
+            "hangs at start",
+            ack().with_fault(Point::Start, Fault::Hang),
+            "timed out after 30s waiting for Prepared",
+        ),
+        (
+            "hangs at Init",
+            ack().with_fault(Point::Init, Fault::Hang),
+            "waiting for InitReply",
+        ),
+    ];
+    for (what, script, needle) in cases {
+        let reason = rollback_reason(script);
+        assert!(
+            reason.contains(needle),
+            "{what}: {reason:?} lacks {needle:?}"
+        );
+    }
+}
+
+#[test]
+fn a_rollback_after_the_freeze_thaws_and_measures_the_frozen_time() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    sim.scripts
+        .push_back(Script::ack("2.0").with_fault(Point::Init, Fault::Hang));
+    sim.request(Some(NEW_BINARY), false).expect("request");
+    sim.run(LONG);
+    let r = rolled_back(&sim);
+    // Frozen at t0 (after Prepared and PreFlushed, no time passed), thawed at the
+    // 30 s deadline.
+    assert_eq!(r.pause_us, 30_000_000);
+    assert!(sim.sent().contains(&(1, "Thaw")));
+    assert!(sim.sent().contains(&(2, "Shutdown")));
+    // The hung new client ignored Shutdown and was killed after the grace period.
+    assert!(sim.seen.contains(&Seen::Killed(Generation(2))));
+    assert_old_serves(&sim);
+}
+
+#[test]
+fn old_client_faults_before_the_freeze_roll_back() {
+    for (point, fault, needle) in [
+        (Point::PreFlush, Fault::Fail, "the old client failed"),
+        (Point::Freeze, Fault::Fail, "could not freeze"),
+        (Point::PreFlush, Fault::Hang, "waiting for PreFlushed"),
+    ] {
+        let mut sim = Sim::new(Script::ack("1.0").with_fault(point, fault.clone()), true);
+        sim.request(Some(NEW_BINARY), false).expect("request");
+        sim.run(LONG);
+        match sim.reports().as_slice() {
+            [Outcome::RolledBack(r)] => {
+                let reason = r.reason.clone().unwrap_or_default();
+                assert!(reason.contains(needle), "{point:?} {fault:?}: {reason}");
+            }
+            // A failing old client exits after its Failed: nothing to serve from.
+            [Outcome::Failed { message }] if fault == Fault::Fail && point == Point::PreFlush => {
+                assert!(message.contains("lost"), "{message}");
+            }
+            other => panic!("{point:?} {fault:?}: {other:?}"),
+        }
+        assert!(!sim.fake(2).alive, "the new client is stopped");
+    }
+}
+
+#[test]
+fn old_client_dying_before_its_state_is_whole_loses_the_mount_and_says_so() {
+    for point in [Point::PreFlush, Point::Freeze, Point::MidState] {
+        let old = Script {
+            state_len: 2 * handover_proto::state::CHUNK_BYTES,
+            ..Script::ack("1.0")
+        };
+        let mut sim = Sim::new(old.with_fault(point, Fault::Crash), true);
+        sim.request(Some(NEW_BINARY), false).expect("request");
+        sim.run(LONG);
+        assert_eq!(sim.phase(), PhaseKind::Lost, "{point:?}");
+        assert!(
+            matches!(sim.reports().as_slice(), [Outcome::Failed { message }] if message.contains("exited unexpectedly"))
+        );
+        assert!(!sim.fake(2).alive);
+        assert!(sim.seen.iter().any(|s| matches!(s, Seen::Lost(_))));
+    }
+}
+
+#[test]
+fn old_client_dying_after_its_state_is_whole_is_as_good_as_a_commit() {
+    for point in [Point::Frozen, Point::Commit] {
+        let mut sim = Sim::new(Script::ack("1.0").with_fault(point, Fault::Crash), true);
+        sim.request(Some(NEW_BINARY), false).expect("request");
+        sim.run(LONG);
+        let r = upgraded(&sim);
+        assert_eq!(r.new_generation, Generation(2), "{point:?}");
+        assert!(sim.seen.contains(&Seen::Resend));
+        if point == Point::Frozen {
+            assert!(
+                !sim.sent().contains(&(1, "Commit")),
+                "no Commit to a dead client"
+            );
+        }
+    }
+}
+
+#[test]
+fn old_client_that_does_not_exit_after_commit_is_killed_then_the_new_one_serves() {
+    let mut sim = Sim::new(
+        Script::ack("1.0").with_fault(Point::Commit, Fault::Hang),
+        true,
+    );
+    sim.request(Some(NEW_BINARY), false).expect("request");
+    sim.run(LONG);
+    let r = upgraded(&sim);
+    assert_eq!(r.new_generation, Generation(2));
+    let kill = sim
+        .seen
+        .iter()
+        .position(|s| *s == Seen::Killed(Generation(1)))
+        .expect("killed");
+    let resend = sim
+        .seen
+        .iter()
+        .position(|s| *s == Seen::Resend)
+        .expect("resend");
+    assert!(kill < resend);
+    // Frozen for the 5 s exit grace, then 700 µs to the first request.
+    assert_eq!(r.pause_us, 5_000_700);
+}
+
+#[test]
+fn new_client_dying_after_the_commit_is_replaced_by_the_old_binary_from_the_same_state() {
+    for point in [Point::Commit, Point::Serve] {
+        // Commit: the old client lingers after Commit (killed after the grace period)
+        // and the new one is crashed meanwhile, before Serve. Serve: the new one dies
+        // as it is told to serve.
+        let old = Script::ack("1.0");
+        let (old, new) = if point == Point::Commit {
+            (
+                old.with_fault(Point::Commit, Fault::Hang),
+                Script::ack("2.0"),
+            )
+        } else {
+            (
+                old,
+                Script::ack("2.0").with_fault(Point::Serve, Fault::Crash),
+            )
+        };
+        let mut sim = Sim::new(old, true);
+        sim.scripts.push_back(new);
+        sim.request(Some(NEW_BINARY), false).expect("request");
+        sim.settle();
+        if point == Point::Commit {
+            assert!(sim.sent().contains(&(1, "Commit")));
+            assert!(!sim.sent().contains(&(2, "Serve")));
+            sim.crash(Generation(2));
+        }
+        sim.run(LONG);
+        let r = rolled_back(&sim);
+        assert_eq!(r.new_generation, Generation(3), "{point:?}");
+        assert_eq!(r.new_version, "1.0");
+        let reason = r.reason.unwrap_or_default();
+        assert!(
+            reason.contains("generation 3 of the previous binary"),
+            "{reason}"
+        );
+        assert_eq!(sim.fake(3).binary.to_str(), Some(OLD_BINARY));
+        assert_eq!(sim.fake(3).got_state, sim.fake(1).export());
+        assert!(sim.fake(3).reading);
+        assert_eq!(sim.m.serving().generation, Generation(3));
+        assert_eq!(sim.m.stats().restarts, 1);
+        // One RESEND per client that took over.
+        let resends = sim.seen.iter().filter(|s| **s == Seen::Resend).count();
+        assert_eq!(resends, if point == Point::Serve { 2 } else { 1 });
+    }
+}
+
+#[test]
+fn failing_restarts_back_off_keep_the_mount_and_answer_the_upgrade() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    sim.scripts
+        .push_back(Script::ack("2.0").with_fault(Point::Serve, Fault::Crash));
+    for _ in 0..4 {
+        sim.scripts
+            .push_back(Script::ack("1.0").with_fault(Point::Start, Fault::Crash));
+    }
+    sim.request(Some(NEW_BINARY), false).expect("request");
+    // Attempts fail at +0, +100 ms, +300 ms (the upgrade is answered), +700 ms.
+    sim.run(Duration::from_secs(1));
+    assert_eq!(sim.phase(), PhaseKind::Restarting);
+    assert!(
+        matches!(sim.reports().as_slice(), [Outcome::Failed { message }] if message.contains("restarts go on"))
+    );
+    assert!(
+        sim.request(None, false)
+            .unwrap_err()
+            .contains("being restarted")
+    );
+    // Backoff: 100, 200, 400, 800 ms between attempts 1..5; the fifth one works.
+    sim.run(LONG);
+    assert_eq!(sim.phase(), PhaseKind::Idle);
+    assert_eq!(sim.m.serving().generation, Generation(7));
+    assert_eq!(sim.m.stats().restarts, 5);
+    assert_eq!(sim.reports().len(), 1, "the upgrade was answered once");
+    assert!(!sim.seen.iter().any(|s| matches!(s, Seen::Lost(_))));
+}
+
+#[test]
+fn a_second_request_during_an_upgrade_is_refused() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    sim.request(Some(NEW_BINARY), false).expect("first");
+    assert!(
+        sim.request(Some(NEW_BINARY), false)
+            .unwrap_err()
+            .contains("in progress")
+    );
+    sim.run(LONG);
+    upgraded(&sim);
+    assert_eq!(sim.requests, 1);
+}
+
+#[test]
+fn cancel_rolls_back_before_the_commit_only() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    sim.scripts
+        .push_back(Script::ack("2.0").with_fault(Point::Init, Fault::Hang));
+    sim.request(Some(NEW_BINARY), false).expect("request");
+    sim.settle();
+    sim.m.handle_cancel(sim.now, "stopped by SIGTERM".into());
+    sim.drain_actions();
+    sim.run(LONG);
+    let r = rolled_back(&sim);
+    assert_eq!(r.reason.as_deref(), Some("stopped by SIGTERM"));
+}
+
+#[test]
+fn session_end_during_an_upgrade_answers_and_stops() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    sim.request(Some(NEW_BINARY), false).expect("request");
+    sim.m.handle_message(
+        sim.now,
+        Generation(1),
+        handover_proto::message::ToSupervisor::SessionEnded { error: None },
+    );
+    sim.drain_actions();
+    assert_eq!(sim.phase(), PhaseKind::Ended);
+    assert!(sim.seen.contains(&Seen::MountGone));
+    assert!(matches!(sim.reports().as_slice(), [Outcome::Failed { .. }]));
+}
+
+#[test]
+fn serving_client_crash_outside_an_upgrade_is_reported_lost() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    sim.crash(Generation(1));
+    sim.run(LONG);
+    assert_eq!(sim.phase(), PhaseKind::Lost);
+    assert!(sim.reports().is_empty());
+}
+
+#[test]
+fn client_options_change_with_an_upgrade_and_kernel_options_do_not() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    let req = crate::upgrade::UpgradeRequest {
+        binary: None,
+        timeout: Duration::from_secs(5),
+        force_drain: false,
+        options: crate::upgrade::ClientOptions {
+            cache_dir: Some("/fast/cache".into()),
+            cache_bytes: Some(42),
+        },
+    };
+    sim.m.handle_request(sim.now, req).expect("request");
+    sim.requests += 1;
+    sim.drain_actions();
+    sim.run(LONG);
+    upgraded(&sim);
+    let spec = &sim.m.serving().spec;
+    assert_eq!(spec.cache_bytes, 42);
+    assert_eq!(
+        spec.cache_dir.as_deref(),
+        Some(std::path::Path::new("/fast/cache"))
+    );
+    assert_eq!(spec.threads, super::sim::spec().threads);
+}
+
+#[test]
+fn timings_are_honoured() {
+    let timings = Timings {
+        confirm_window: Duration::from_millis(10),
+        ..Timings::default()
+    };
+    let mut sim = Sim::with_timings(Script::ack("1.0"), true, timings);
+    sim.scripts.push_back(Script {
+        first_request_after: None,
+        ..Script::ack("2.0")
+    });
+    sim.request(None, false).expect("request");
+    sim.run(LONG);
+    assert_eq!(upgraded(&sim).total_us, 10_000);
+}
+
+#[test]
+fn a_successor_dying_on_probation_gives_way_to_the_previous_binary_and_later_not() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    sim.request(Some(NEW_BINARY), false).expect("request");
+    sim.run(Duration::from_secs(1));
+    upgraded(&sim);
+    // Within the probation: restarted from the handed-over state, old binary.
+    sim.advance(Duration::from_secs(5));
+    sim.crash(Generation(2));
+    sim.run(LONG);
+    assert_eq!(sim.phase(), PhaseKind::Idle);
+    assert_eq!(sim.m.serving().generation, Generation(3));
+    assert_eq!(sim.fake(3).binary.to_str(), Some(OLD_BINARY));
+    assert_eq!(sim.fake(3).got_state, sim.fake(1).export());
+    assert_eq!(sim.m.stats().restarts, 1);
+    assert_eq!(sim.reports().len(), 1, "nobody waits for an answer");
+    // The restarted client is on probation too; after it, a death loses the mount
+    // (restarts from a recovered state are the crash-recovery work).
+    sim.run(Duration::from_secs(60));
+    assert_eq!(sim.m.poll_timeout(), None, "the state was dropped");
+    sim.crash(Generation(3));
+    sim.run(LONG);
+    assert_eq!(sim.phase(), PhaseKind::Lost);
+}
