@@ -307,7 +307,7 @@ pub fn run(channel: OwnedFd, build: &BuildInfo) -> Result<(), ClientError> {
     let channel = Arc::new(channel);
     let sock = channel.as_fd();
 
-    let (msg, _) = channel::recv::<ToClient>(sock, None).map_err(ClientError::Recv)?;
+    let (msg, mut fds) = channel::recv::<ToClient>(sock, None).map_err(ClientError::Recv)?;
     let (generation, spec, resume) = match msg {
         ToClient::Start {
             generation,
@@ -317,6 +317,9 @@ pub fn run(channel: OwnedFd, build: &BuildInfo) -> Result<(), ClientError> {
         ToClient::Shutdown => return Ok(()),
         other => return Err(fail(sock, unexpected("Start", &other))),
     };
+    // The mount's write journal (the channel checked that Start carries one fd). The
+    // data path keeps acknowledged, uncommitted writes in it.
+    let _journal = fds.pop();
     let span = tracing::info_span!("client", %generation, mountpoint = %spec.mountpoint.display());
     let _entered = span.enter();
     tracing::info!(volume = %spec.volume, meta = %spec.meta_url, version = %build.version, successor = resume.is_some(), "starting");

@@ -130,6 +130,8 @@ struct Mount {
     dir: tempfile::TempDir,
     mnt: PathBuf,
     fuse: OwnedFd,
+    /// The write journal every client gets with `Start`.
+    journal: OwnedFd,
     spec: MountSpec,
     init: Vec<u8>,
     /// The INIT reply the kernel got.
@@ -193,6 +195,8 @@ impl Mount {
             cache_bytes: 64 << 20,
         };
         let fuse = nix::fcntl::open("/dev/fuse", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())?;
+        let journal = nix::sys::memfd::memfd_create(c"baton-journal", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
+        nix::unistd::ftruncate(&journal, 64 << 20)?;
 
         let c = Client::spawn(dir.path(), 1)?;
         c.send(
@@ -201,7 +205,7 @@ impl Mount {
                 spec: spec.clone(),
                 resume_session: None,
             },
-            &[],
+            &[journal.as_fd()],
         )?;
         let session = expect_prepared(&c)?;
 
@@ -220,6 +224,7 @@ impl Mount {
             dir,
             mnt,
             fuse,
+            journal,
             spec,
             init: Vec::new(),
             reply: Vec::new(),
@@ -267,7 +272,7 @@ impl Mount {
                 spec: self.spec.clone(),
                 resume_session: Some(self.session),
             },
-            &[],
+            &[self.journal.as_fd()],
         )?;
         let session = expect_prepared(&c)?;
         ensure!(

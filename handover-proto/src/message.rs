@@ -137,6 +137,10 @@ pub enum ToClient {
     /// Open the filesystem (metadata, data store, session); do not touch FUSE yet.
     /// `resume_session`: the metadata session of the mount, which a successor keeps
     /// (its locks and open-but-unlinked files stay valid); `None` opens a new one.
+    /// Carries one descriptor: the mount's write journal, a memfd the supervisor created
+    /// at mount time and keeps for the life of the mount, so that writes a client
+    /// acknowledged but had not committed survive its crash (the next client replays
+    /// them before it serves).
     Start {
         generation: Generation,
         spec: MountSpec,
@@ -207,9 +211,8 @@ pub enum ToSupervisor {
 impl WireMessage for ToClient {
     fn fd_count(&self) -> usize {
         match self {
-            ToClient::Init { .. } => 1,
-            ToClient::Start { .. }
-            | ToClient::Serve
+            ToClient::Init { .. } | ToClient::Start { .. } => 1,
+            ToClient::Serve
             | ToClient::Shutdown
             | ToClient::PreFlush
             | ToClient::Freeze { .. }

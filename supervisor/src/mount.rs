@@ -248,3 +248,31 @@ mod tests {
         assert!(mount_at(Path::new("/")).expect("mountinfo").is_some());
     }
 }
+
+/// Default size of a mount's write journal (a sparse memfd: memory is used only by the
+/// writes that are acknowledged and not yet committed).
+pub const JOURNAL_BYTES: u64 = 512 << 20;
+
+/// Creating the write journal failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("cannot create the write journal (memfd)")]
+    Create(#[source] Errno),
+    #[error("cannot size the write journal to {bytes} bytes")]
+    Size {
+        bytes: u64,
+        #[source]
+        source: Errno,
+    },
+}
+
+/// Creates the mount's write journal: a memfd (close-on-exec; it reaches clients only by
+/// SCM_RIGHTS) that the supervisor keeps for the life of the mount, so that what a
+/// client wrote into it survives the client.
+pub fn create_journal(bytes: u64) -> Result<OwnedFd, JournalError> {
+    let fd = nix::sys::memfd::memfd_create(c"baton-journal", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(JournalError::Create)?;
+    let len = libc::off_t::try_from(bytes).map_err(|_| JournalError::Size { bytes, source: Errno::EFBIG })?;
+    nix::unistd::ftruncate(&fd, len).map_err(|source| JournalError::Size { bytes, source })?;
+    Ok(fd)
+}

@@ -122,6 +122,8 @@ pub enum SuperviseError {
     FormatDefault(#[source] FormatError),
     #[error("cannot set up the control socket")]
     Control(#[source] BindError),
+    #[error("cannot create the write journal")]
+    Journal(#[source] mount::JournalError),
     #[error("cannot set up signal handling")]
     Signals(#[source] Errno),
     #[error("cannot start the filesystem client")]
@@ -280,6 +282,8 @@ struct Supervisor {
     client_session: u64,
     generation: Generation,
     started: Instant,
+    /// The mount's write journal, handed to every client generation in `Start`.
+    journal: OwnedFd,
 }
 
 /// The INIT exchange of the connection, kept for the whole life of the mount.
@@ -422,7 +426,7 @@ impl Supervisor {
                 spec,
                 resume_session: None,
             },
-            &[],
+            &[self.journal.as_fd()],
         )?;
         match self.wait_client("Prepared", START_TIMEOUT) {
             Ok((
@@ -562,6 +566,7 @@ pub fn run(
         "--log-format".to_string(),
         opts.log_format.as_str().to_string(),
     ];
+    let journal = mount::create_journal(mount::JOURNAL_BYTES).map_err(SuperviseError::Journal)?;
     let client = ClientProcess::spawn(&binary, &args).map_err(SuperviseError::Spawn)?;
     let mut sup = Supervisor {
         target,
@@ -576,6 +581,7 @@ pub fn run(
         client_session: 0,
         generation: Generation(1),
         started: Instant::now(),
+        journal,
     };
     let spec = MountSpec {
         volume: sup.target.volume.clone(),
@@ -627,6 +633,7 @@ impl Supervisor {
             client_session,
             generation,
             started,
+            journal,
         } = self;
         DriverParts {
             facts: MountFacts {
@@ -654,6 +661,7 @@ impl Supervisor {
             client_args,
             metrics,
             timings: Timings::default(),
+            journal,
         }
     }
 }

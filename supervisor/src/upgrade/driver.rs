@@ -137,6 +137,8 @@ pub struct DriverParts {
     pub client_args: Vec<String>,
     pub metrics: Option<MetricsServer>,
     pub timings: Timings,
+    /// The mount's write journal, sent with every `Start`.
+    pub journal: OwnedFd,
 }
 
 #[derive(Debug)]
@@ -167,6 +169,7 @@ pub struct Driver {
     control: ControlServer,
     signals: SignalFd,
     fuse: OwnedFd,
+    journal: OwnedFd,
     machine: Machine,
     clients: BTreeMap<Generation, Client>,
     client_args: Vec<String>,
@@ -192,6 +195,7 @@ impl Driver {
             client_args,
             metrics,
             timings,
+            journal,
         } = parts;
         if let Err(e) = nix::fcntl::fcntl(
             first.channel(),
@@ -215,6 +219,7 @@ impl Driver {
             control,
             signals,
             fuse,
+            journal,
             machine,
             clients,
             client_args,
@@ -460,7 +465,12 @@ impl Driver {
         };
         while let Some((msg, with_fd)) = c.queue.front() {
             let fuse = self.fuse.as_fd();
-            let fds: &[BorrowedFd<'_>] = if *with_fd { &[fuse] } else { &[] };
+            let journal = self.journal.as_fd();
+            let fds: &[BorrowedFd<'_>] = match msg {
+                ToClient::Start { .. } => &[journal],
+                _ if *with_fd => &[fuse],
+                _ => &[],
+            };
             match channel::send(c.process.channel().as_fd(), msg, fds) {
                 Ok(()) => {
                     c.queue.pop_front();
