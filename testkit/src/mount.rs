@@ -135,13 +135,41 @@ impl Drop for TestMount {
         if !self.mounted {
             return;
         }
+        // The processes of this mount, asked before anything is torn down.
+        let pids = self.pids();
         if self.umount_inner().is_err() {
-            // Last resort: detach the mount so the test machine is not left with it.
+            // Last resort: detach the mount so the test machine is not left with it, and
+            // stop this mount's supervisor and client (by pid, nothing else).
             let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+            for pid in pids {
+                let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            }
         }
-        // The supervisor exits once unmounted; make sure nothing of ours lingers.
-        let _ = Command::new("pkill").arg("-f").arg(format!("baton.*{}", self.mountpoint.display())).status();
     }
+}
+
+impl TestMount {
+    /// The supervisor and client pids `baton status --json` reports for this mount.
+    pub fn pids(&self) -> Vec<i32> {
+        let mp = self.mountpoint.display().to_string();
+        let Ok(out) = baton(&self.home, &["status", &mp, "--json"]) else { return Vec::new() };
+        let text = String::from_utf8_lossy(&out.stdout);
+        ["supervisor_pid", "client_pid"]
+            .iter()
+            .filter_map(|key| json_number(&text, key))
+            .filter_map(|n| i32::try_from(n).ok())
+            .filter(|&n| n > 1)
+            .collect()
+    }
+}
+
+/// The number after `"key":` in a flat JSON object (enough for `baton status --json`).
+fn json_number(text: &str, key: &str) -> Option<u64> {
+    let at = text.find(&format!("\"{key}\""))?;
+    let rest = &text[at + key.len() + 2..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 /// Whether `path` is a mountpoint (in /proc/self/mountinfo).
@@ -149,4 +177,17 @@ pub fn is_mountpoint(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
     let want = path.display().to_string();
     info.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_number;
+
+    #[test]
+    fn reads_pids_from_status_json() {
+        let text = r#"{"mountpoint": "/m", "supervisor_pid": 1234, "client_pid":  99, "x": "client_pid"}"#;
+        assert_eq!(json_number(text, "supervisor_pid"), Some(1234));
+        assert_eq!(json_number(text, "client_pid"), Some(99));
+        assert_eq!(json_number(text, "missing"), None);
+    }
 }
