@@ -28,6 +28,15 @@ pub enum ControlRequest {
         cache_dir: Option<PathBuf>,
         cache_bytes: Option<u64>,
     },
+    /// Report on the mount and on its client's health (a restart in progress, the last
+    /// crash). Added after the first release of format 1.0: a supervisor that predates it
+    /// cannot decode it and closes the connection.
+    Health,
+    /// Replace the supervisor by a process of `binary` (`baton upgrade --supervisor`)
+    /// keeping the mount, its /dev/fuse connection, the control socket and the serving
+    /// client. Answered by [`ControlResponse::SupervisorUpgraded`] or `Error` (the old
+    /// supervisor then serves on). `timeout_ms` bounds the new supervisor's start.
+    UpgradeSupervisor { binary: PathBuf, timeout_ms: u64 },
 }
 
 /// Supervisor -> CLI.
@@ -49,6 +58,37 @@ pub enum ControlResponse {
     Error {
         message: String,
     },
+    /// The answer to [`ControlRequest::Health`].
+    Health {
+        status: MountStatus,
+        health: ClientHealth,
+    },
+    /// The new supervisor (`new_pid`) supervises the mount; the old one exits.
+    SupervisorUpgraded {
+        old_pid: u32,
+        new_pid: u32,
+        new_version: String,
+    },
+}
+
+/// What the supervisor knows of its client beyond [`MountStatus`]: whether one serves,
+/// and if not, why and when the next attempt starts.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct ClientHealth {
+    /// `serving`, `upgrading`, `rolling back`, `restarting` or `ended`.
+    pub state: String,
+    /// Why the state is not `serving`, for a human: e.g. "the client (generation 3)
+    /// exited unexpectedly (killed by SIGKILL); attempt 4 failed: ...".
+    pub reason: Option<String>,
+    /// Restart attempts of the restart in progress (0 when none is).
+    pub restart_attempts: u32,
+    /// When the next restart attempt starts, in milliseconds from now (`None`: no restart
+    /// is waiting).
+    pub next_attempt_ms: Option<u64>,
+    /// Why the last client that served died without being asked to.
+    pub last_crash: Option<String>,
+    /// From that death to the first request its successor answered, in microseconds.
+    pub last_crash_pause_us: Option<u64>,
 }
 
 /// A mount as its supervisor sees it.

@@ -53,6 +53,7 @@ pub mod fdpass;
 pub mod frame;
 pub mod fuse_init;
 pub mod message;
+pub mod rendezvous;
 pub mod state;
 
 pub use channel::{RecvError, SendError, WireMessage};

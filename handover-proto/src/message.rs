@@ -160,7 +160,10 @@ pub enum ToClient {
     /// Old client: stop executing requests in `mode`, let executing ones finish, flush,
     /// export the state in schema `state_version`. Answered by `StateChunk`s then `Frozen`,
     /// or `FreezeFailed` (and the client serves on).
-    Freeze { mode: FreezeMode, state_version: u16 },
+    Freeze {
+        mode: FreezeMode,
+        state_version: u16,
+    },
     /// Old client: the handover failed; serve again (parked requests run now). Answered by
     /// `Thawed`. Harmless when not frozen.
     Thaw,
@@ -169,6 +172,13 @@ pub enum ToClient {
     Commit,
     /// Successor: a piece of the predecessor's state, before `Init`.
     State(StateChunk),
+    /// A new supervisor, on the adopt socket of a serving client whose supervisor is gone
+    /// (or asked it to listen with `Detach`): take me as your supervisor. Answered by
+    /// `Adopted`; from then on that connection is the client's handover channel.
+    Adopt { supervisor_pid: u32 },
+    /// Serving client: the supervisor is being replaced (`baton upgrade --supervisor`);
+    /// listen on the adopt socket for its successor, and keep serving. Not answered.
+    Detach,
 }
 
 /// Client -> supervisor.
@@ -206,12 +216,35 @@ pub enum ToSupervisor {
     /// Successor: its first request after `Serve` was answered, at this CLOCK_MONOTONIC
     /// time (nanoseconds; same clock as the supervisor's, same host).
     FirstServed { monotonic_ns: u64 },
+    /// Answer to `Adopt`: everything a supervisor that did not start this client needs to
+    /// supervise it. Carries the /dev/fuse connection, then the write journal if
+    /// `adoption.journal`.
+    Adopted(Box<Adoption>),
+}
+
+/// A serving client, as a supervisor that adopts it must know it (`Adopted`).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct Adoption {
+    pub pid: u32,
+    pub version: String,
+    pub hello: Hello,
+    /// The metadata session of the mount.
+    pub session: u64,
+    pub generation: Generation,
+    pub spec: MountSpec,
+    /// The kernel's FUSE_INIT request and the reply the kernel got (a successor replays
+    /// the one and must reproduce the other).
+    pub init_request: Vec<u8>,
+    pub init_reply: Vec<u8>,
+    /// Whether a write journal descriptor follows the FUSE one.
+    pub journal: bool,
 }
 
 impl WireMessage for ToClient {
     fn fd_count(&self) -> usize {
         match self {
             ToClient::Init { .. } | ToClient::Start { .. } => 1,
+            ToClient::Adopt { .. } | ToClient::Detach => 0,
             ToClient::Serve
             | ToClient::Shutdown
             | ToClient::PreFlush
@@ -237,6 +270,7 @@ impl WireMessage for ToSupervisor {
             | ToSupervisor::FreezeFailed { .. }
             | ToSupervisor::Thawed
             | ToSupervisor::FirstServed { .. } => 0,
+            ToSupervisor::Adopted(a) => 1 + usize::from(a.journal),
         }
     }
 }

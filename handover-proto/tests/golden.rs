@@ -22,10 +22,13 @@ use std::path::{Path, PathBuf};
 use common::*;
 use handover_proto::WireMessage;
 use handover_proto::channel::{decode_frame, encode_frame};
-use handover_proto::control::{ControlRequest, ControlResponse, MountStatus, UpgradeReport};
+use handover_proto::control::{
+    ClientHealth, ControlRequest, ControlResponse, MountStatus, UpgradeReport,
+};
 use handover_proto::frame::{self, HEADER_LEN};
 use handover_proto::message::{
-    FreezeMode, Generation, Hello, MountSpec, StateChunk, ToClient, ToSupervisor, capability,
+    Adoption, FreezeMode, Generation, Hello, MountSpec, StateChunk, ToClient, ToSupervisor,
+    capability,
 };
 use handover_proto::state::v1::{ClientStateV1, DirHandleV1, FileHandleV1};
 use handover_proto::state::{self, ClientState};
@@ -131,6 +134,10 @@ fn to_client(name: &str) -> ToClient {
             total: 3,
             data: (0..=255).collect(),
         }),
+        "Adopt" => ToClient::Adopt {
+            supervisor_pid: 1300,
+        },
+        "Detach" => ToClient::Detach,
         other => panic!("no fixture value for ToClient::{other}"),
     }
 }
@@ -177,6 +184,24 @@ fn to_supervisor(name: &str) -> ToSupervisor {
         "FirstServed" => ToSupervisor::FirstServed {
             monotonic_ns: 123_456_789_012,
         },
+        "Adopted" => ToSupervisor::Adopted(Box::new(Adoption {
+            pid: 4242,
+            version: "0.2.0".into(),
+            hello: Hello {
+                state_versions: vec![1],
+                capabilities: vec![
+                    capability::PARK_RESEND.into(),
+                    capability::DRAIN.into(),
+                    capability::TAKEOVER.into(),
+                ],
+            },
+            session: SESSION,
+            generation: Generation(3),
+            spec: spec(),
+            init_request: init_request(),
+            init_reply: init_reply(),
+            journal: true,
+        })),
         other => panic!("no fixture value for ToSupervisor::{other}"),
     }
 }
@@ -192,12 +217,56 @@ fn control_request(name: &str) -> ControlRequest {
             cache_dir: None,
             cache_bytes: Some(2 << 30),
         },
+        "Health" => ControlRequest::Health,
+        "UpgradeSupervisor" => ControlRequest::UpgradeSupervisor {
+            binary: PathBuf::from("/usr/local/bin/baton-0.2.0"),
+            timeout_ms: 60_000,
+        },
         other => panic!("no fixture value for ControlRequest::{other}"),
+    }
+}
+
+fn mount_status() -> MountStatus {
+    MountStatus {
+        mountpoint: PathBuf::from("/mnt/datasets"),
+        volume: "datasets".into(),
+        meta_url: "redb:///var/lib/baton/volumes/datasets/meta.redb".into(),
+        supervisor_pid: 1200,
+        generation: Generation(3),
+        client_pid: 4242,
+        client_version: "0.2.0".into(),
+        uptime_ms: 86_400_000,
+        fuse_minor: 45,
+        max_write: 1 << 20,
+        resend: true,
+        upgrades: 2,
+        rollbacks: 1,
+        restarts: 0,
+        last_pause_us: Some(2_150),
+        last_rollback: Some("timeout after 30 s waiting for Prepared".into()),
     }
 }
 
 fn control_response(name: &str) -> ControlResponse {
     match name {
+        "Health" => ControlResponse::Health {
+            status: MountStatus {
+                restarts: 4,
+                ..mount_status()
+            },
+            health: ClientHealth {
+                state: "restarting".into(),
+                reason: Some(
+                    "the client (generation 3) exited unexpectedly (killed by SIGKILL); attempt 4 failed: the client exited (killed by SIGKILL)".into(),
+                ),
+                restart_attempts: 4,
+                next_attempt_ms: Some(800),
+                last_crash: Some(
+                    "the client (generation 3) exited unexpectedly (killed by SIGKILL)".into(),
+                ),
+                last_crash_pause_us: Some(41_000),
+            },
+        },
         "Umounted" => ControlResponse::Umounted { flush_error: None },
         "Busy" => ControlResponse::Busy,
         "Status" => ControlResponse::Status(MountStatus {
@@ -222,6 +291,11 @@ fn control_response(name: &str) -> ControlResponse {
         "RolledBack" => ControlResponse::RolledBack(report(true)),
         "Error" => ControlResponse::Error {
             message: "another upgrade is in progress".into(),
+        },
+        "SupervisorUpgraded" => ControlResponse::SupervisorUpgraded {
+            old_pid: 1200,
+            new_pid: 1300,
+            new_version: "0.2.0".into(),
         },
         other => panic!("no fixture value for ControlResponse::{other}"),
     }

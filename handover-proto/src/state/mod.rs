@@ -68,7 +68,11 @@ pub enum StateError {
     #[error("state is larger than {MAX_STATE_BYTES} bytes")]
     TooLarge,
     #[error("state chunk {index} of {total} arrived where chunk {expected} was due")]
-    OutOfOrder { index: u32, total: u32, expected: u32 },
+    OutOfOrder {
+        index: u32,
+        total: u32,
+        expected: u32,
+    },
     #[error("state chunk says {total} chunks, earlier ones said {expected}")]
     TotalChanged { total: u32, expected: u32 },
     #[error("the state is incomplete: {got} of {total} chunks")]
@@ -98,19 +102,29 @@ pub fn decode(bytes: &[u8]) -> Result<ClientState, StateError> {
     }
     let (state, used) = bincode::decode_from_slice(bytes, config()).map_err(StateError::Decode)?;
     if used != bytes.len() {
-        return Err(StateError::Trailing { extra: bytes.len() - used });
+        return Err(StateError::Trailing {
+            extra: bytes.len() - used,
+        });
     }
     Ok(state)
 }
 
 /// Cuts an encoded state into chunks (at least one, even when empty).
 pub fn split(bytes: &[u8]) -> Vec<StateChunk> {
-    let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(CHUNK_BYTES).collect() };
+    let pieces: Vec<&[u8]> = if bytes.is_empty() {
+        vec![&[][..]]
+    } else {
+        bytes.chunks(CHUNK_BYTES).collect()
+    };
     let total = pieces.len() as u32;
     pieces
         .into_iter()
         .enumerate()
-        .map(|(i, d)| StateChunk { index: i as u32, total, data: d.to_vec() })
+        .map(|(i, d)| StateChunk {
+            index: i as u32,
+            total,
+            data: d.to_vec(),
+        })
         .collect()
 }
 
@@ -127,10 +141,17 @@ impl Assembler {
     pub fn push(&mut self, chunk: StateChunk) -> Result<Option<Vec<u8>>, StateError> {
         let total = *self.total.get_or_insert(chunk.total);
         if chunk.total != total {
-            return Err(StateError::TotalChanged { total: chunk.total, expected: total });
+            return Err(StateError::TotalChanged {
+                total: chunk.total,
+                expected: total,
+            });
         }
         if chunk.index != self.next || chunk.index >= total {
-            return Err(StateError::OutOfOrder { index: chunk.index, total, expected: self.next });
+            return Err(StateError::OutOfOrder {
+                index: chunk.index,
+                total,
+                expected: self.next,
+            });
         }
         if self.bytes.len() + chunk.data.len() > MAX_STATE_BYTES {
             return Err(StateError::TooLarge);
@@ -147,7 +168,10 @@ impl Assembler {
     pub fn finish(self) -> Result<(), StateError> {
         match self.total {
             Some(t) if self.next == t => Ok(()),
-            t => Err(StateError::Incomplete { got: self.next, total: t.unwrap_or(0) }),
+            t => Err(StateError::Incomplete {
+                got: self.next,
+                total: t.unwrap_or(0),
+            }),
         }
     }
 }

@@ -6,9 +6,12 @@
 
 use std::path::PathBuf;
 
-use handover_proto::control::{ControlRequest, ControlResponse, MountStatus, UpgradeReport};
+use handover_proto::control::{
+    ClientHealth, ControlRequest, ControlResponse, MountStatus, UpgradeReport,
+};
 use handover_proto::message::{
-    FreezeMode, Generation, Hello, MountSpec, StateChunk, ToClient, ToSupervisor, capability,
+    Adoption, FreezeMode, Generation, Hello, MountSpec, StateChunk, ToClient, ToSupervisor,
+    capability,
 };
 use handover_proto::state::ClientState;
 use handover_proto::state::v1::{ClientStateV1, DirHandleV1, FileHandleV1};
@@ -20,7 +23,8 @@ use proptest::strategy::ValueTree;
 // here, and the list beside the match is what the coverage tests compare against.
 
 pub const TO_CLIENT: &[&str] = &[
-    "Start", "Init", "Serve", "Shutdown", "PreFlush", "Freeze", "Thaw", "Commit", "State",
+    "Start", "Init", "Serve", "Shutdown", "PreFlush", "Freeze", "Thaw", "Commit", "State", "Adopt",
+    "Detach",
 ];
 
 pub fn to_client_name(m: &ToClient) -> &'static str {
@@ -34,6 +38,8 @@ pub fn to_client_name(m: &ToClient) -> &'static str {
         ToClient::Thaw => "Thaw",
         ToClient::Commit => "Commit",
         ToClient::State(_) => "State",
+        ToClient::Adopt { .. } => "Adopt",
+        ToClient::Detach => "Detach",
     }
 }
 
@@ -49,6 +55,7 @@ pub const TO_SUPERVISOR: &[&str] = &[
     "FreezeFailed",
     "Thawed",
     "FirstServed",
+    "Adopted",
 ];
 
 pub fn to_supervisor_name(m: &ToSupervisor) -> &'static str {
@@ -64,16 +71,20 @@ pub fn to_supervisor_name(m: &ToSupervisor) -> &'static str {
         ToSupervisor::FreezeFailed { .. } => "FreezeFailed",
         ToSupervisor::Thawed => "Thawed",
         ToSupervisor::FirstServed { .. } => "FirstServed",
+        ToSupervisor::Adopted(_) => "Adopted",
     }
 }
 
-pub const CONTROL_REQUEST: &[&str] = &["Umount", "Status", "Upgrade"];
+pub const CONTROL_REQUEST: &[&str] =
+    &["Umount", "Status", "Upgrade", "Health", "UpgradeSupervisor"];
 
 pub fn control_request_name(m: &ControlRequest) -> &'static str {
     match m {
         ControlRequest::Umount { .. } => "Umount",
         ControlRequest::Status => "Status",
         ControlRequest::Upgrade { .. } => "Upgrade",
+        ControlRequest::Health => "Health",
+        ControlRequest::UpgradeSupervisor { .. } => "UpgradeSupervisor",
     }
 }
 
@@ -84,6 +95,8 @@ pub const CONTROL_RESPONSE: &[&str] = &[
     "Upgraded",
     "RolledBack",
     "Error",
+    "Health",
+    "SupervisorUpgraded",
 ];
 
 pub fn control_response_name(m: &ControlResponse) -> &'static str {
@@ -94,6 +107,8 @@ pub fn control_response_name(m: &ControlResponse) -> &'static str {
         ControlResponse::Upgraded(_) => "Upgraded",
         ControlResponse::RolledBack(_) => "RolledBack",
         ControlResponse::Error { .. } => "Error",
+        ControlResponse::Health { .. } => "Health",
+        ControlResponse::SupervisorUpgraded { .. } => "SupervisorUpgraded",
     }
 }
 
@@ -202,6 +217,8 @@ pub fn to_client() -> impl Strategy<Value = ToClient> {
         Just(ToClient::Thaw),
         Just(ToClient::Commit),
         state_chunk().prop_map(ToClient::State),
+        any::<u32>().prop_map(|supervisor_pid| ToClient::Adopt { supervisor_pid }),
+        Just(ToClient::Detach),
     ]
 }
 
@@ -226,6 +243,26 @@ pub fn to_supervisor() -> impl Strategy<Value = ToSupervisor> {
         text(100).prop_map(|reason| ToSupervisor::FreezeFailed { reason }),
         Just(ToSupervisor::Thawed),
         any::<u64>().prop_map(|monotonic_ns| ToSupervisor::FirstServed { monotonic_ns }),
+        (
+            (any::<u32>(), text(20), hello(), any::<u64>(), generation()),
+            (spec(), bytes(120), bytes(90), any::<bool>()),
+        )
+            .prop_map(
+                |(
+                    (pid, version, hello, session, generation),
+                    (spec, init_request, init_reply, journal),
+                )| ToSupervisor::Adopted(Box::new(Adoption {
+                    pid,
+                    version,
+                    hello,
+                    session,
+                    generation,
+                    spec,
+                    init_request,
+                    init_reply,
+                    journal,
+                }))
+            ),
     ]
 }
 
@@ -233,6 +270,10 @@ pub fn control_request() -> impl Strategy<Value = ControlRequest> {
     prop_oneof![
         any::<bool>().prop_map(|lazy| ControlRequest::Umount { lazy }),
         Just(ControlRequest::Status),
+        Just(ControlRequest::Health),
+        (path(), any::<u64>()).prop_map(|(binary, timeout_ms)| {
+            ControlRequest::UpgradeSupervisor { binary, timeout_ms }
+        }),
         (
             proptest::option::of(path()),
             any::<u64>(),
@@ -240,15 +281,17 @@ pub fn control_request() -> impl Strategy<Value = ControlRequest> {
             proptest::option::of(path()),
             proptest::option::of(any::<u64>()),
         )
-            .prop_map(|(binary, timeout_ms, force_drain, cache_dir, cache_bytes)| {
-                ControlRequest::Upgrade {
-                    binary,
-                    timeout_ms,
-                    force_drain,
-                    cache_dir,
-                    cache_bytes,
+            .prop_map(
+                |(binary, timeout_ms, force_drain, cache_dir, cache_bytes)| {
+                    ControlRequest::Upgrade {
+                        binary,
+                        timeout_ms,
+                        force_drain,
+                        cache_dir,
+                        cache_bytes,
+                    }
                 }
-            }),
+            ),
     ]
 }
 
@@ -303,6 +346,34 @@ pub fn mount_status() -> impl Strategy<Value = MountStatus> {
         )
 }
 
+pub fn client_health() -> impl Strategy<Value = ClientHealth> {
+    (
+        text(20),
+        proptest::option::of(text(80)),
+        any::<u32>(),
+        proptest::option::of(any::<u64>()),
+        proptest::option::of(text(60)),
+        proptest::option::of(any::<u64>()),
+    )
+        .prop_map(
+            |(
+                state,
+                reason,
+                restart_attempts,
+                next_attempt_ms,
+                last_crash,
+                last_crash_pause_us,
+            )| ClientHealth {
+                state,
+                reason,
+                restart_attempts,
+                next_attempt_ms,
+                last_crash,
+                last_crash_pause_us,
+            },
+        )
+}
+
 pub fn upgrade_report() -> impl Strategy<Value = UpgradeReport> {
     (
         (generation(), text(20), generation(), text(20)),
@@ -341,6 +412,15 @@ pub fn control_response() -> impl Strategy<Value = ControlResponse> {
         upgrade_report().prop_map(ControlResponse::Upgraded),
         upgrade_report().prop_map(ControlResponse::RolledBack),
         text(50).prop_map(|message| ControlResponse::Error { message }),
+        (mount_status(), client_health())
+            .prop_map(|(status, health)| ControlResponse::Health { status, health }),
+        (any::<u32>(), any::<u32>(), text(20)).prop_map(|(old_pid, new_pid, new_version)| {
+            ControlResponse::SupervisorUpgraded {
+                old_pid,
+                new_pid,
+                new_version,
+            }
+        }),
     ]
 }
 
