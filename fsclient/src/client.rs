@@ -9,7 +9,9 @@
 //!
 //! A client is either the first of its mount (`Start { resume_session: None }`: it opens
 //! a new metadata session) or a successor (`Some(session)`: it resumes its predecessor's
-//! session, receives its state, and takes over the connection without FUSE_INIT). Until
+//! session, receives its state — or none, when the predecessor crashed: then handles are
+//! rebuilt from their numbers and the session's locks and open-but-unlinked files are read
+//! from the metadata engine — and takes over the connection without FUSE_INIT). Until
 //! it serves, a successor never closes the session and never touches the connection: if
 //! it gives up or is told to, its predecessor serves on with the same session.
 //!
@@ -21,6 +23,7 @@ use std::error::Error as StdError;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -35,10 +38,13 @@ use nix::sys::stat::{SFlag, fstat};
 
 use crate::fuse::adapter::BatonFs;
 use crate::fuse::park::{Gate, Phase};
+use crate::fuse::probe::KernelInodes;
 use crate::fuse::relay::{self, RelayError};
 use crate::handover::{self, Connection, Freezer, ImportError};
 use crate::meta::SessionId;
 use crate::vfs::{OpenError, Vfs, VfsConfig};
+
+mod adopt;
 
 /// The environment variable that names the inherited handover socket descriptor.
 pub use handover_proto::message::CHANNEL_FD_ENV;
@@ -146,8 +152,12 @@ pub enum ClientError {
     StateVersion(u16),
     #[error("cannot take over the predecessor's state")]
     Import(#[source] ImportError),
+    #[error("cannot read what the crashed predecessor's session holds")]
+    CrashTakeover(#[source] crate::meta::MetaError),
     #[error("the INIT relay failed")]
     Relay(#[source] RelayError),
+    #[error("cannot take the write journal over")]
+    Journal(#[source] crate::data::JournalError),
     #[error("cannot start the FUSE session thread")]
     Spawn(#[source] std::io::Error),
     #[error("flushing and closing the filesystem failed")]
@@ -319,10 +329,16 @@ pub fn run(channel: OwnedFd, build: &BuildInfo) -> Result<(), ClientError> {
     };
     // The mount's write journal (the channel checked that Start carries one fd). The
     // data path keeps acknowledged, uncommitted writes in it.
-    let _journal = fds.pop();
+    let journal = fds.pop();
+    // Kept for a supervisor that adopts this client (see `adopt`). Never closed while the
+    // process lives: closing any descriptor of the journal would drop its record lock.
+    let journal_keep = journal
+        .as_ref()
+        .and_then(|fd| fd.try_clone().ok())
+        .map(Arc::new);
     let span = tracing::info_span!("client", %generation, mountpoint = %spec.mountpoint.display());
     let _entered = span.enter();
-    tracing::info!(volume = %spec.volume, meta = %spec.meta_url, version = %build.version, successor = resume.is_some(), "starting");
+    tracing::info!(volume = %spec.volume, meta = %crate::meta::redis::redact(&spec.meta_url), version = %build.version, successor = resume.is_some(), "starting");
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(IO_WORKERS)
@@ -333,6 +349,9 @@ pub fn run(channel: OwnedFd, build: &BuildInfo) -> Result<(), ClientError> {
 
     let vfs = open_volume(&spec, build, resume, rt.handle().clone())
         .map_err(|e| fail(sock, ClientError::Open(e)))?;
+    // Handle numbers of this generation never repeat one a crashed predecessor gave out.
+    vfs.set_handle_epoch(generation.0);
+    let journaled = attach_journal(&vfs, journal);
     let mut client = Client {
         channel: channel.clone(),
         build: build.clone(),
@@ -342,8 +361,12 @@ pub fn run(channel: OwnedFd, build: &BuildInfo) -> Result<(), ClientError> {
         resumed: resume.is_some(),
         served: false,
         closed: None,
+        fuse: None,
+        journal: journal_keep,
     };
-    let result = client.serve();
+    let result = journaled
+        .map_err(|e| fail(sock, e))
+        .and_then(|()| client.serve());
     if result.is_err() && !client.served {
         if client.resumed {
             // The predecessor serves on with this session (or the supervisor starts
@@ -362,6 +385,8 @@ enum Event {
     FromSupervisor(ToClient),
     SupervisorGone(Option<RecvError>),
     SessionEnded(std::io::Result<()>),
+    /// A new supervisor adopted this client: its handover channel.
+    Adopted(OwnedFd),
 }
 
 /// One client process and its volume.
@@ -377,6 +402,10 @@ struct Client {
     served: bool,
     /// The outcome of the one flush-and-close of the volume.
     closed: Option<Option<String>>,
+    /// This client's descriptors of the FUSE connection (once serving) and of the write
+    /// journal, for a supervisor that adopts it.
+    fuse: Option<Arc<OwnedFd>>,
+    journal: Option<Arc<OwnedFd>>,
 }
 
 impl Client {
@@ -498,8 +527,12 @@ impl Client {
                         }
                     }
                     // No state (the predecessor crashed): handles are rebuilt from their
-                    // numbers as requests use them.
+                    // numbers as requests use them; the session's locks and
+                    // open-but-unlinked files are read from the metadata engine.
                     tracing::warn!("no state from a predecessor: starting with empty tables");
+                    self.vfs
+                        .take_over_after_crash()
+                        .map_err(|e| fail(sock, ClientError::CrashTakeover(e)))?;
                 }
             }
         }
@@ -523,7 +556,7 @@ impl Client {
 
         let (msg, _) = channel::recv::<ToClient>(sock, None).map_err(ClientError::Recv)?;
         match msg {
-            ToClient::Serve => {}
+            ToClient::Serve => take_over_journal(&self.vfs),
             ToClient::Shutdown => return self.shutdown_early(),
             other => return Err(fail(sock, unexpected("Serve", &other))),
         }
@@ -542,8 +575,31 @@ impl Client {
         let session = handshaken
             .attach(fuse.as_fd())
             .map_err(|e| fail(sock, ClientError::Relay(e)))?;
-        drop(fuse);
+        // After a crash: free the inherited unlinked files the kernel no longer has.
+        let probe = self
+            .vfs
+            .has_unknown_handles()
+            .then(|| KernelInodes::new(fuse.as_fd()));
+        self.fuse = Some(Arc::new(fuse));
         self.served = true;
+        match probe {
+            Some(Ok(probe)) => {
+                let vfs = self.vfs.clone();
+                let span = tracing::Span::current();
+                std::thread::Builder::new()
+                    .name("orphan-sweep".into())
+                    .spawn(move || {
+                        let _entered = span.enter();
+                        let freed = vfs.sweep_orphans(&|ino| probe.holds(ino));
+                        tracing::info!(freed, "unlinked files the kernel no longer has were freed");
+                    })
+                    .map_err(ClientError::Spawn)?;
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "cannot keep a descriptor to probe the kernel's inodes: unlinked files are freed when the kernel forgets them");
+            }
+            None => {}
+        }
 
         let (tx, rx) = mpsc::channel::<Event>();
         let session_tx = tx.clone();
@@ -556,32 +612,48 @@ impl Client {
                 let _ = session_tx.send(Event::SessionEnded(r));
             })
             .map_err(ClientError::Spawn)?;
-        let reader_channel = self.channel.clone();
-        std::thread::Builder::new()
-            .name("supervisor-rx".into())
-            .spawn(move || {
-                loop {
-                    match channel::recv::<ToClient>(reader_channel.as_fd(), None) {
-                        Ok((msg, _)) => {
-                            if tx.send(Event::FromSupervisor(msg)).is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            let gone = if e.is_closed() { None } else { Some(e) };
-                            let _ = tx.send(Event::SupervisorGone(gone));
-                            return;
-                        }
-                    }
-                }
-            })
+        let epoch = Arc::new(AtomicU64::new(0));
+        spawn_reader(self.channel.clone(), tx.clone(), epoch.clone())
             .map_err(ClientError::Spawn)?;
         tracing::info!(
             threads = self.spec.threads,
             fd = self.channel.as_raw_fd(),
             "serving"
         );
-        self.serve_loop(rx, &gate, Arc::new(conn))
+        self.serve_loop(rx, &gate, Arc::new(conn), (tx, epoch))
+    }
+
+    /// The supervisor is gone or being replaced: wait for a new one on the adopt socket
+    /// (serving on meanwhile). Returns whether this client now waits there.
+    fn wait_for_supervisor(&self, conn: &Connection, events: &mpsc::Sender<Event>) -> bool {
+        let Some(fuse) = self.fuse.clone() else {
+            return false;
+        };
+        let offer = adopt::Offer {
+            adoption: handover_proto::message::Adoption {
+                pid: std::process::id(),
+                version: self.build.version.clone(),
+                hello: self.build.hello(),
+                session: self.vfs.session().0,
+                generation: self.generation,
+                spec: self.spec.clone(),
+                init_request: conn.init_request.clone(),
+                init_reply: conn.init_reply.clone(),
+                journal: self.journal.is_some(),
+            },
+            fuse,
+            journal: self.journal.clone(),
+        };
+        let events = events.clone();
+        match adopt::wait_for_supervisor(offer, move |fd| {
+            let _ = events.send(Event::Adopted(fd));
+        }) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "cannot wait for a new supervisor; serving on without one");
+                false
+            }
+        }
     }
 
     /// Decodes, checks and imports the predecessor's state.
@@ -603,9 +675,12 @@ impl Client {
         rx: mpsc::Receiver<Event>,
         gate: &Arc<Gate>,
         conn: Arc<Connection>,
+        (events, epoch): (mpsc::Sender<Event>, Arc<AtomicU64>),
     ) -> Result<(), ClientError> {
         let mut freezer: Option<Freezer> = None;
         let mut supervisor_alive = true;
+        // Listening on the adopt socket (after `Detach` or the supervisor's death).
+        let mut adoptable = false;
         let mut session_alive = true;
         while let Ok(event) = rx.recv() {
             match event {
@@ -628,19 +703,20 @@ impl Client {
                     let started = Instant::now();
                     let error = self.vfs.data().flush_all().err().map(|e| error_chain(&e));
                     tracing::info!(elapsed = ?started.elapsed(), ?error, "pre-flushed for a handover");
-                    send(self.sock(), &ToSupervisor::PreFlushed { error })?;
+                    // A supervisor that died meanwhile is not a reason to stop serving.
+                    send_or_log(self.sock(), &ToSupervisor::PreFlushed { error });
                 }
                 Event::FromSupervisor(ToClient::Freeze {
                     mode,
                     state_version,
                 }) => {
                     if freezer.as_ref().is_some_and(Freezer::is_running) {
-                        send(
+                        send_or_log(
                             self.sock(),
                             &ToSupervisor::FreezeFailed {
                                 reason: "a freeze is already in progress".into(),
                             },
-                        )?;
+                        );
                         continue;
                     }
                     if let Some(f) = freezer.take() {
@@ -650,14 +726,14 @@ impl Client {
                         Ok(f) => freezer = Some(f),
                         Err(reason) => {
                             tracing::warn!(%reason, "cannot freeze");
-                            send(self.sock(), &ToSupervisor::FreezeFailed { reason })?;
+                            send_or_log(self.sock(), &ToSupervisor::FreezeFailed { reason });
                         }
                     }
                 }
                 Event::FromSupervisor(ToClient::Thaw) => {
                     handover::thaw(gate, &mut freezer);
                     tracing::info!("thawed: serving again");
-                    send(self.sock(), &ToSupervisor::Thawed)?;
+                    send_or_log(self.sock(), &ToSupervisor::Thawed);
                 }
                 Event::FromSupervisor(ToClient::Commit) => {
                     if let Some(f) = freezer.take() {
@@ -672,6 +748,25 @@ impl Client {
                         commit_exit();
                     }
                     tracing::error!("Commit while not frozen: ignored, serving on");
+                }
+                Event::FromSupervisor(ToClient::Detach) => {
+                    tracing::info!("the supervisor is being replaced");
+                    adoptable = adoptable || self.wait_for_supervisor(&conn, &events);
+                }
+                Event::Adopted(fd) => {
+                    // The previous channel's reader stops reporting; a detached
+                    // supervisor sees its channel close.
+                    epoch.fetch_add(1, Ordering::AcqRel);
+                    let _ = nix::sys::socket::shutdown(
+                        self.channel.as_raw_fd(),
+                        nix::sys::socket::Shutdown::Both,
+                    );
+                    self.channel = Arc::new(fd);
+                    adoptable = false;
+                    spawn_reader(self.channel.clone(), events.clone(), epoch.clone())
+                        .map_err(ClientError::Spawn)?;
+                    supervisor_alive = true;
+                    tracing::info!("serving under a new supervisor");
                 }
                 Event::FromSupervisor(other) => {
                     tracing::warn!(message = ?other, "ignoring an unexpected message from the supervisor");
@@ -696,6 +791,7 @@ impl Client {
                     if !session_alive {
                         break;
                     }
+                    adoptable = adoptable || self.wait_for_supervisor(&conn, &events);
                 }
                 Event::SessionEnded(r) => {
                     session_alive = false;
@@ -761,10 +857,67 @@ impl Client {
     }
 }
 
+/// Reads the supervisor's messages on `channel` into `tx`, until the channel closes or a
+/// new channel replaces it (`epoch` moves on).
+fn spawn_reader(
+    channel: Arc<OwnedFd>,
+    tx: mpsc::Sender<Event>,
+    epoch: Arc<AtomicU64>,
+) -> std::io::Result<()> {
+    let mine = epoch.load(Ordering::Acquire);
+    let span = tracing::Span::current();
+    std::thread::Builder::new()
+        .name("supervisor-rx".into())
+        .spawn(move || {
+            let _entered = span.enter();
+            loop {
+                let r = channel::recv::<ToClient>(channel.as_fd(), None);
+                if epoch.load(Ordering::Acquire) != mine {
+                    return;
+                }
+                let event = match r {
+                    Ok((msg, _)) => Event::FromSupervisor(msg),
+                    Err(e) => Event::SupervisorGone(if e.is_closed() { None } else { Some(e) }),
+                };
+                let last = matches!(event, Event::SupervisorGone(_));
+                if tx.send(event).is_err() || last {
+                    return;
+                }
+            }
+        })
+        .map(|_| ())
+}
+
 /// Ends the process at once for a committed handover: no unmount, no session close, no
 /// destructor, no reply to parked requests (the successor gets them again).
 fn commit_exit() -> ! {
     // SAFETY: _exit(2) ends the process immediately; it touches no memory of this
     // process. Skipping destructors is the point: a dropped fuser reply would answer EIO.
     unsafe { libc::_exit(0) }
+}
+
+/// How long a successor waits at `Serve` for its predecessor's hold on the write journal
+/// to end (the predecessor has exited by then; this only covers the kernel's cleanup).
+const JOURNAL_WAIT: Duration = Duration::from_secs(5);
+
+/// Attaches the write journal before anything is served: takes it over and replays what a
+/// dead predecessor left in it, or, while a live predecessor owns it (a live upgrade),
+/// leaves it for [`take_over_journal`] at `Serve`.
+fn attach_journal(vfs: &Vfs, journal: Option<OwnedFd>) -> Result<(), ClientError> {
+    let Some(fd) = journal else {
+        tracing::warn!("no write journal: acknowledged writes are lost if this client dies");
+        return Ok(());
+    };
+    vfs.data()
+        .attach_journal(fd)
+        .map(|_| ())
+        .map_err(ClientError::Journal)
+}
+
+/// At `Serve`: takes over the journal a live predecessor held (it flushed and exited).
+/// Serving is not refused if that fails: the connection is this client's now.
+fn take_over_journal(vfs: &Vfs) {
+    if let Err(e) = vfs.data().take_over_journal(JOURNAL_WAIT) {
+        tracing::error!(error = %error_chain(&e), "cannot take the write journal over: writes are not journaled");
+    }
 }

@@ -111,7 +111,13 @@ impl Env {
             target: vec![],
         };
         self.meta
-            .mknod(Ino::ROOT, format!("f{n}").as_bytes(), &node, Caller::ROOT)
+            .mknod(
+                None,
+                Ino::ROOT,
+                format!("f{n}").as_bytes(),
+                &node,
+                Caller::ROOT,
+            )
             .unwrap()
             .0
     }
@@ -138,7 +144,9 @@ impl Env {
             size: Some(size),
             ..Default::default()
         };
-        self.meta.setattr(ino, &set, Timestamp::now()).unwrap();
+        self.meta
+            .setattr(None, ino, &set, Timestamp::now())
+            .unwrap();
         self.data.invalidate(ino);
     }
 

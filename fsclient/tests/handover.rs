@@ -7,65 +7,22 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use common::{ME, Volume};
 use fsclient::handover::{self, Connection, ImportError};
-use fsclient::meta::{self, Caller, Format, Ino, MetaError, SessionId, Timestamp};
-use fsclient::vfs::{FsError, Sleep, Vfs, VfsConfig};
+use fsclient::meta::{Ino, MetaError, SessionId};
+use fsclient::vfs::{FsError, Sleep, Vfs};
 use handover_proto::message::MountSpec;
 use handover_proto::state::{self, ClientState};
 
-const ME: Caller = Caller {
-    uid: 0,
-    gid: 0,
-    pid: 1,
-};
-
-struct Volume {
-    dir: tempfile::TempDir,
-    rt: tokio::runtime::Runtime,
-}
-
 impl Volume {
-    fn new() -> Volume {
-        let dir = tempfile::tempdir().unwrap();
-        let m = meta::open(&Self::url_of(&dir)).unwrap();
-        m.format(
-            &Format {
-                name: "vol".into(),
-                uuid: "5f0c-handover-test".into(),
-                storage: format!("fs://{}", dir.path().join("objects").display()),
-                block_size: Format::MIN_BLOCK_SIZE,
-                capacity: 0,
-                inodes: 0,
-                created: Timestamp::now(),
-            },
-            false,
-        )
-        .unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        Volume { dir, rt }
-    }
-
-    fn url_of(dir: &tempfile::TempDir) -> String {
-        format!("redb://{}/meta.redb", dir.path().display())
-    }
-
     /// A client's filesystem: a new session, or `resume`'s.
     fn open(&self, resume: Option<SessionId>) -> Result<Arc<Vfs>, fsclient::vfs::OpenError> {
-        let mut c = VfsConfig::new(
-            Self::url_of(&self.dir),
-            "/mnt/test",
-            self.dir.path().join("home"),
-        );
-        c.cache_dir = Some(self.dir.path().join("cache"));
-        c.resume_session = resume;
-        Vfs::open(c, self.rt.handle().clone())
+        Vfs::open(self.config(resume), self.rt.handle().clone())
     }
 
     fn connection(&self) -> Connection {
@@ -73,7 +30,7 @@ impl Volume {
             generation: 1,
             spec: MountSpec {
                 volume: "vol".into(),
-                meta_url: Self::url_of(&self.dir),
+                meta_url: self.url(),
                 mountpoint: PathBuf::from("/mnt/test"),
                 home: self.dir.path().join("home"),
                 threads: 4,
@@ -107,20 +64,21 @@ fn transfer(state: handover_proto::state::ClientStateV1) -> handover_proto::stat
 
 #[test]
 fn handles_orphans_locks_and_lookups_survive_a_handover() {
-    let vol = Volume::new();
+    let vol = Volume::new("5f0c-handover-test");
     let old = vol.open(None).unwrap();
     let sid = old.session();
 
     // An open file with unflushed data, unlinked while open.
     let (orphan, _, orphan_fh) = old
-        .create(ME, Ino::ROOT, b"scratch", 0o644, 0, libc::O_RDWR)
+        .create(None, ME, Ino::ROOT, b"scratch", 0o644, 0, libc::O_RDWR)
         .unwrap();
     old.write(orphan, orphan_fh, 0, b"still here after the unlink")
         .unwrap();
-    old.unlink(Ino::ROOT, b"scratch").unwrap();
+    old.unlink(None, Ino::ROOT, b"scratch").unwrap();
     // A file open for appending, locked by owner 42.
     let (log, _, log_fh) = old
         .create(
+            None,
             ME,
             Ino::ROOT,
             b"log",
@@ -207,10 +165,10 @@ fn handles_orphans_locks_and_lookups_survive_a_handover() {
 
 #[test]
 fn a_state_of_another_volume_or_session_is_refused() {
-    let vol = Volume::new();
+    let vol = Volume::new("5f0c-handover-test");
     let old = vol.open(None).unwrap();
     let (ino, _, fh) = old
-        .create(ME, Ino::ROOT, b"f", 0o644, 0, libc::O_RDWR)
+        .create(None, ME, Ino::ROOT, b"f", 0o644, 0, libc::O_RDWR)
         .unwrap();
     let state = handover::export(&old, &vol.connection()).unwrap();
 
@@ -235,7 +193,7 @@ fn a_state_of_another_volume_or_session_is_refused() {
     ));
     // Nothing was imported by the refusals: the inode is not open in the successor, so
     // unlinking it frees it at once.
-    successor.unlink(Ino::ROOT, b"f").unwrap();
+    successor.unlink(None, Ino::ROOT, b"f").unwrap();
     assert_eq!(errno(successor.getattr(ino)), libc::ENOENT);
     let _ = fh;
     successor.abandon();
@@ -244,10 +202,10 @@ fn a_state_of_another_volume_or_session_is_refused() {
 
 #[test]
 fn a_successor_that_gives_up_leaves_the_session_to_its_predecessor() {
-    let vol = Volume::new();
+    let vol = Volume::new("5f0c-handover-test");
     let old = vol.open(None).unwrap();
     let (ino, _, fh) = old
-        .create(ME, Ino::ROOT, b"locked", 0o644, 0, libc::O_RDWR)
+        .create(None, ME, Ino::ROOT, b"locked", 0o644, 0, libc::O_RDWR)
         .unwrap();
     old.setlk(ino, 5, libc::F_WRLCK, 0, u64::MAX, 7, None)
         .unwrap();

@@ -114,9 +114,15 @@ fn concurrent_clients_create_and_rename() {
     let m = open(&url);
     format(&m);
     let sid = session(&m);
-    let (shared, _) = m.mknod(Ino::ROOT, b"shared", &dir(), Caller::ROOT).unwrap();
-    let (other, _) = m.mknod(Ino::ROOT, b"other", &dir(), Caller::ROOT).unwrap();
-    let (hot, _) = m.mknod(shared, b"hot", &file(), Caller::ROOT).unwrap();
+    let (shared, _) = m
+        .mknod(None, Ino::ROOT, b"shared", &dir(), Caller::ROOT)
+        .unwrap();
+    let (other, _) = m
+        .mknod(None, Ino::ROOT, b"other", &dir(), Caller::ROOT)
+        .unwrap();
+    let (hot, _) = m
+        .mknod(None, shared, b"hot", &file(), Caller::ROOT)
+        .unwrap();
 
     let moves = AtomicU32::new(0);
     std::thread::scope(|s| {
@@ -126,7 +132,7 @@ fn concurrent_clients_create_and_rename() {
                 let m = open(url);
                 for j in 0..FILES {
                     let name = format!("t{t}-f{j}");
-                    match m.mknod(shared, name.as_bytes(), &file(), Caller::ROOT) {
+                    match m.mknod(None, shared, name.as_bytes(), &file(), Caller::ROOT) {
                         Ok(_) => {}
                         Err(e) => panic!("create {name}: {e:?}"),
                     }
@@ -144,6 +150,7 @@ fn concurrent_clients_create_and_rename() {
                         (other, shared)
                     };
                     match m.rename(
+                        None,
                         sid,
                         from,
                         b"hot",
@@ -494,7 +501,11 @@ fn binary_names_round_trip() {
     ];
     let mut inos = Vec::new();
     for n in names {
-        inos.push(m.mknod(Ino::ROOT, n, &file(), Caller::ROOT).unwrap().0);
+        inos.push(
+            m.mknod(None, Ino::ROOT, n, &file(), Caller::ROOT)
+                .unwrap()
+                .0,
+        );
     }
     for (n, ino) in names.iter().zip(&inos) {
         assert_eq!(m.lookup(Ino::ROOT, n).unwrap().0, *ino);
@@ -509,6 +520,7 @@ fn binary_names_round_trip() {
     assert_eq!(listed, want);
 
     m.rename(
+        None,
         SessionId(0),
         Ino::ROOT,
         names[0],
@@ -524,8 +536,14 @@ fn binary_names_round_trip() {
         Err(MetaError::NotFound)
     ));
 
-    m.setxattr(inos[1], b"user.\xff", b"\x00\xff\x00", XattrMode::Create)
-        .unwrap();
+    m.setxattr(
+        None,
+        inos[1],
+        b"user.\xff",
+        b"\x00\xff\x00",
+        XattrMode::Create,
+    )
+    .unwrap();
     assert_eq!(m.getxattr(inos[1], b"user.\xff").unwrap(), b"\x00\xff\x00");
     assert_eq!(m.listxattr(inos[1]).unwrap(), vec![b"user.\xff".to_vec()]);
 
@@ -535,7 +553,9 @@ fn binary_names_round_trip() {
         rdev: 0,
         target: b"\xc3\x28/x".to_vec(),
     };
-    let (l, _) = m.mknod(Ino::ROOT, b"link", &link, Caller::ROOT).unwrap();
+    let (l, _) = m
+        .mknod(None, Ino::ROOT, b"link", &link, Caller::ROOT)
+        .unwrap();
     assert_eq!(m.readlink(l).unwrap(), b"\xc3\x28/x");
 }
 
@@ -548,16 +568,24 @@ fn readdir_cookies_are_shared_between_clients() {
     let a = open(&url);
     format(&a);
     let b = open(&url);
-    let (d, _) = a.mknod(Ino::ROOT, b"d", &dir(), Caller::ROOT).unwrap();
+    let (d, _) = a
+        .mknod(None, Ino::ROOT, b"d", &dir(), Caller::ROOT)
+        .unwrap();
     for i in 0..20 {
-        a.mknod(d, format!("e{i:02}").as_bytes(), &file(), Caller::ROOT)
-            .unwrap();
+        a.mknod(
+            None,
+            d,
+            format!("e{i:02}").as_bytes(),
+            &file(),
+            Caller::ROOT,
+        )
+        .unwrap();
     }
     let first = a.readdir(d, 0, 7, true).unwrap();
     assert_eq!(first.len(), 7);
     assert!(first.iter().all(|e| e.attr.is_some()));
     // Removing an entry already returned does not move the others.
-    a.unlink(SessionId(0), d, b"e01", &|_| false).unwrap();
+    a.unlink(None, SessionId(0), d, b"e01", &|_| false).unwrap();
     let mut rest = Vec::new();
     let mut cookie = first[6].cookie;
     loop {
@@ -601,10 +629,13 @@ fn lost_connections_are_replaced() {
     let url = srv.url(0);
     let m = open(&url);
     format(&m);
-    let (f, _) = m.mknod(Ino::ROOT, b"f", &file(), Caller::ROOT).unwrap();
+    let (f, _) = m
+        .mknod(None, Ino::ROOT, b"f", &file(), Caller::ROOT)
+        .unwrap();
     kill_clients(&url);
     assert_eq!(m.getattr(f).unwrap().nlink, 1);
     kill_clients(&url);
-    m.setxattr(f, b"user.k", b"v", XattrMode::Any).unwrap();
+    m.setxattr(None, f, b"user.k", b"v", XattrMode::Any)
+        .unwrap();
     assert_eq!(m.getxattr(f, b"user.k").unwrap(), b"v");
 }

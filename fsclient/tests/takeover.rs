@@ -195,7 +195,10 @@ impl Mount {
             cache_bytes: 64 << 20,
         };
         let fuse = nix::fcntl::open("/dev/fuse", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())?;
-        let journal = nix::sys::memfd::memfd_create(c"baton-journal", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
+        let journal = nix::sys::memfd::memfd_create(
+            c"baton-journal",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )?;
         nix::unistd::ftruncate(&journal, 64 << 20)?;
 
         let c = Client::spawn(dir.path(), 1)?;

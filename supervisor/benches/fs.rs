@@ -30,7 +30,12 @@ struct Opts {
 }
 
 fn opts() -> Opts {
-    let mut o = Opts { size_mib: 1024, files: 10_000, random_reads: 20_000, engines: vec!["redb", "redis"] };
+    let mut o = Opts {
+        size_mib: 1024,
+        files: 10_000,
+        random_reads: 20_000,
+        engines: vec!["redb", "redis"],
+    };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < args.len() {
@@ -82,11 +87,17 @@ struct Row {
 fn run(engine: &'static str, mount: &TestMount, o: &Opts, rows: &mut Vec<Row>) {
     let mut row = |test: &str, result: String| {
         eprintln!("{engine:6} {test:40} {result}");
-        rows.push(Row { engine, test: test.to_string(), result });
+        rows.push(Row {
+            engine,
+            test: test.to_string(),
+            result,
+        });
     };
     let big = mount.path("big");
     let size = o.size_mib << 20;
-    let block: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let block: Vec<u8> = (0..(1 << 20))
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
 
     let t = Instant::now();
     let mut f = File::create(&big).unwrap();
@@ -96,7 +107,10 @@ fn run(engine: &'static str, mount: &TestMount, o: &Opts, rows: &mut Vec<Row>) {
     f.sync_all().unwrap();
     drop(f);
     let d = t.elapsed();
-    row(&format!("sequential write {} MiB (1 MiB writes + fsync)", o.size_mib), format!("{:.0} MiB/s", mib_s(size, d)));
+    row(
+        &format!("sequential write {} MiB (1 MiB writes + fsync)", o.size_mib),
+        format!("{:.0} MiB/s", mib_s(size, d)),
+    );
 
     drop_caches();
     let t = Instant::now();
@@ -112,7 +126,10 @@ fn run(engine: &'static str, mount: &TestMount, o: &Opts, rows: &mut Vec<Row>) {
     }
     let d = t.elapsed();
     assert_eq!(total, size);
-    row(&format!("sequential read {} MiB (1 MiB reads)", o.size_mib), format!("{:.0} MiB/s", mib_s(size, d)));
+    row(
+        &format!("sequential read {} MiB (1 MiB reads)", o.size_mib),
+        format!("{:.0} MiB/s", mib_s(size, d)),
+    );
 
     drop_caches();
     let f = File::open(&big).unwrap();
@@ -144,14 +161,23 @@ fn run(engine: &'static str, mount: &TestMount, o: &Opts, rows: &mut Vec<Row>) {
 
     let dir = mount.path("small");
     fs::create_dir(&dir).unwrap();
-    let names: Vec<PathBuf> = (0..o.files).map(|i| dir.join(format!("file-{i:06}"))).collect();
+    let names: Vec<PathBuf> = (0..o.files)
+        .map(|i| dir.join(format!("file-{i:06}")))
+        .collect();
     let t = Instant::now();
     for n in &names {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(n).unwrap();
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(n)
+            .unwrap();
         f.write_all(b"small file contents\n").unwrap();
     }
     let d = t.elapsed();
-    row(&format!("create {} small files (create+write+close)", o.files), format!("{:.0} files/s", o.files as f64 / d.as_secs_f64()));
+    row(
+        &format!("create {} small files (create+write+close)", o.files),
+        format!("{:.0} files/s", o.files as f64 / d.as_secs_f64()),
+    );
 
     drop_caches();
     let t = Instant::now();
@@ -159,14 +185,20 @@ fn run(engine: &'static str, mount: &TestMount, o: &Opts, rows: &mut Vec<Row>) {
         fs::metadata(n).unwrap();
     }
     let d = t.elapsed();
-    row(&format!("stat {} files (cold dentry cache)", o.files), format!("{:.0} stats/s", o.files as f64 / d.as_secs_f64()));
+    row(
+        &format!("stat {} files (cold dentry cache)", o.files),
+        format!("{:.0} stats/s", o.files as f64 / d.as_secs_f64()),
+    );
 
     let t = Instant::now();
     for n in &names {
         fs::remove_file(n).unwrap();
     }
     let d = t.elapsed();
-    row(&format!("unlink {} files", o.files), format!("{:.0} unlinks/s", o.files as f64 / d.as_secs_f64()));
+    row(
+        &format!("unlink {} files", o.files),
+        format!("{:.0} unlinks/s", o.files as f64 / d.as_secs_f64()),
+    );
     fs::remove_dir(&dir).unwrap();
 }
 
@@ -178,15 +210,38 @@ fn mount_engine(engine: &str, dir: &Path, redis: Option<&RedisServer>) -> TestMo
         _ => format!("redb://{}/{engine}/meta.redb", dir.display()),
     };
     let storage = format!("fs://{}/{engine}/data", dir.display());
-    let out = baton(&home, &["format", engine, "--meta", &meta, "--storage", &storage]).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    TestMount::at(&home, &mnt, &MountOptions { meta: Some(meta), args: vec!["--threads".into(), "16".into()] }).unwrap()
+    let out = baton(
+        &home,
+        &["format", engine, "--meta", &meta, "--storage", &storage],
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    TestMount::at(
+        &home,
+        &mnt,
+        &MountOptions {
+            meta: Some(meta),
+            args: vec!["--threads".into(), "16".into()],
+        },
+    )
+    .unwrap()
 }
 
 fn main() {
     let o = opts();
-    let dir = tempfile::Builder::new().prefix("baton-bench-").tempdir_in("/var/tmp").unwrap();
-    let redis = if o.engines.contains(&"redis") { Some(RedisServer::start().unwrap()) } else { None };
+    let dir = tempfile::Builder::new()
+        .prefix("baton-bench-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let redis = if o.engines.contains(&"redis") {
+        Some(RedisServer::start().unwrap())
+    } else {
+        None
+    };
     let mut rows = Vec::new();
     for &engine in &o.engines {
         let m = mount_engine(engine, dir.path(), redis.as_ref());

@@ -47,8 +47,10 @@ pub enum Command {
     /// Show the state of Baton mounts.
     Status(StatusArgs),
     /// Replace a mount's client by a new process (another build, or the same one) without
-    /// unmounting. Exit status: 0 upgraded, 3 rolled back (the old client serves on),
-    /// 1 error.
+    /// unmounting; while the client is being restarted after crashes, the next attempt
+    /// runs the new binary. Exit status: 0 upgraded, 3 rolled back (the old client serves
+    /// on), 1 error. With --supervisor, replaces the supervisor instead (0 replaced, 1
+    /// not: the old supervisor serves on).
     Upgrade(UpgradeArgs),
 }
 
@@ -142,6 +144,11 @@ pub struct UpgradeArgs {
     /// The new client binary [default: the serving client's binary].
     #[arg(long)]
     pub binary: Option<PathBuf>,
+    /// Replace the supervisor instead of the client: a new supervisor process of this
+    /// `baton` binary takes over the mount, its control socket and the serving client;
+    /// the old one exits (or, on failure, serves on).
+    #[arg(long, conflicts_with_all = ["binary", "drain", "cache_dir", "cache_size"])]
+    pub supervisor: Option<PathBuf>,
     /// Bound on everything before the commit, in seconds; past it the upgrade rolls back.
     #[arg(long, default_value = "30", value_parser = parse_positive_secs)]
     pub timeout: Duration,

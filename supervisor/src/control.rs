@@ -99,11 +99,18 @@ fn new_socket(extra: SockFlag) -> Result<OwnedFd, Errno> {
     )
 }
 
-/// The listening control socket of one mount; removed when dropped.
+/// Names the listening control socket a supervisor hands to its successor
+/// (`baton upgrade --supervisor`), so that the socket never stops answering.
+pub const CONTROL_FD_ENV: &str = "BATON_CONTROL_FD";
+
+/// The listening control socket of one mount; removed when dropped (unless handed to a
+/// successor supervisor).
 #[derive(Debug)]
 pub struct ControlServer {
     listener: OwnedFd,
     path: PathBuf,
+    /// A successor supervisor serves it: leave the file when dropped.
+    keep: bool,
 }
 
 /// One accepted, authorized control connection.
@@ -136,7 +143,11 @@ impl ControlServer {
         }
         let listener = new_socket(SockFlag::SOCK_NONBLOCK).map_err(sock_err)?;
         bind(listener.as_raw_fd(), &addr).map_err(sock_err)?;
-        let server = ControlServer { listener, path };
+        let server = ControlServer {
+            listener,
+            path,
+            keep: false,
+        };
         std::fs::set_permissions(&server.path, std::fs::Permissions::from_mode(0o600)).map_err(
             |source| BindError::Chmod {
                 path: server.path.clone(),
@@ -157,6 +168,47 @@ impl ControlServer {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The control socket of `mountpoint` that a predecessor supervisor handed to this
+    /// process ([`CONTROL_FD_ENV`]), made close-on-exec; `None` if there is none.
+    pub fn from_env(home: &Home, mountpoint: &Path) -> Option<ControlServer> {
+        let fd: std::os::fd::RawFd = std::env::var(CONTROL_FD_ENV).ok()?.parse().ok()?;
+        if fd <= 2 {
+            return None;
+        }
+        // SAFETY: only checks the descriptor number; the borrow ends with this statement.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let is_socket = nix::sys::stat::fstat(borrowed).is_ok_and(|st| {
+            nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
+                == nix::sys::stat::SFlag::S_IFSOCK
+        });
+        if !is_socket {
+            return None;
+        }
+        // SAFETY: the predecessor left exactly this descriptor open for us; nothing else in
+        // this process refers to it, and the variable is removed below so it is taken once.
+        let listener = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: called before the supervisor starts any thread.
+        unsafe { std::env::remove_var(CONTROL_FD_ENV) };
+        let _ = nix::fcntl::fcntl(
+            &listener,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+        let _ = nix::fcntl::fcntl(
+            &listener,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
+        Some(ControlServer {
+            listener,
+            path: socket_path(home, mountpoint),
+            keep: false,
+        })
+    }
+
+    /// Leaves the socket file in place when this is dropped: a successor serves it.
+    pub fn keep_file(&mut self) {
+        self.keep = true;
     }
 
     /// The listening descriptor, to poll for connections.
@@ -192,6 +244,9 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use fsclient::data::redact;
 use fsclient::meta::{self, Format, MetaError, Timestamp};
 
 use crate::home::Home;
@@ -117,7 +118,7 @@ pub fn format(home: &Home, opts: &FormatOptions) -> Result<Format, FormatError> 
         .clone()
         .unwrap_or_else(|| home.default_storage_url(&opts.name));
     let parsed = url::Url::parse(&storage).map_err(|source| FormatError::BadStorageUrl {
-        url: storage.clone(),
+        url: redact(&storage),
         source,
     })?;
     if parsed.scheme() == "fs" && !parsed.path().is_empty() {
@@ -127,7 +128,7 @@ pub fn format(home: &Home, opts: &FormatOptions) -> Result<Format, FormatError> 
     }
 
     let engine = meta::open(&meta_url).map_err(|source| FormatError::OpenMeta {
-        url: meta_url.clone(),
+        url: redact(&meta_url),
         source,
     })?;
     let format = Format {
@@ -152,13 +153,13 @@ pub fn format(home: &Home, opts: &FormatOptions) -> Result<Format, FormatError> 
         Ok(()) => {}
         Err(MetaError::AlreadyFormatted { name }) => {
             return Err(FormatError::AlreadyFormatted {
-                url: meta_url,
+                url: redact(&meta_url),
                 existing: name,
             });
         }
         Err(e) => return Err(FormatError::Write(e)),
     }
-    tracing::info!(name = %format.name, uuid = %format.uuid, meta = %meta_url, storage = %format.storage, "volume formatted");
+    tracing::info!(name = %format.name, uuid = %format.uuid, meta = %redact(&meta_url), storage = %redact(&format.storage), "volume formatted");
     Ok(format)
 }
 

@@ -99,60 +99,11 @@ pub fn private_dir(path: &Path, mode: u32) -> Result<(), DirError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)
 }
 
-/// A file name for things that belong to one mountpoint (control socket, log): a readable
-/// part from the last component and a hash of the whole path, so that two mountpoints
-/// never share a name and the name stays short (a Unix socket path has 107 bytes).
-pub fn mount_name(mountpoint: &Path) -> String {
-    use std::os::unix::ffi::OsStrExt;
-    let last = mountpoint
-        .file_name()
-        .map(|n| n.as_bytes())
-        .unwrap_or(b"root");
-    let readable: String = last
-        .iter()
-        .take(32)
-        .map(|&b| {
-            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
-                b as char
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!(
-        "{readable}-{:016x}",
-        fnv1a64(mountpoint.as_os_str().as_bytes())
-    )
-}
-
-/// FNV-1a, 64 bits: stable across releases (unlike std's hasher), which matters because
-/// the CLI and a running supervisor may be different builds.
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
+pub use handover_proto::rendezvous::mount_name;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mount_names_are_distinct_short_and_stable() {
-        let a = mount_name(Path::new("/mnt/data"));
-        let b = mount_name(Path::new("/srv/data"));
-        assert_ne!(a, b);
-        assert!(a.starts_with("data-"));
-        assert_eq!(a, mount_name(Path::new("/mnt/data")));
-        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
-        let long = mount_name(Path::new(&format!("/mnt/{}", "x y".repeat(100))));
-        assert!(long.len() <= 32 + 17);
-        assert!(!long.contains(' '));
-        assert!(mount_name(Path::new("/")).starts_with("root-"));
-    }
 
     #[test]
     fn default_urls() {

@@ -53,6 +53,29 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli, home: &Home, readiness: Option<Readiness>) -> anyhow::Result<ExitCode> {
     if let Command::Upgrade(a) = cli.command {
+        if let Some(binary) = &a.supervisor {
+            let up = upgrade_cmd::upgrade_supervisor(home, &a.mountpoint, binary, a.timeout)?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "outcome": "supervisor-upgraded",
+                        "old_pid": up.old_pid,
+                        "new_pid": up.new_pid,
+                        "new_version": up.new_version,
+                    })
+                );
+            } else {
+                println!(
+                    "{}: supervisor upgraded: pid {} -> {} ({}); the client and the mount were kept",
+                    a.mountpoint.display(),
+                    up.old_pid,
+                    up.new_pid,
+                    up.new_version
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         let cmd = UpgradeCommand {
             mountpoint: a.mountpoint.clone(),
             binary: a.binary,

@@ -14,6 +14,8 @@
 //! | `baton_upgrade_rollbacks_total` | counter | upgrades that rolled back |
 //! | `baton_client_restarts_total` | counter | clients started to replace one that died |
 //! | `baton_last_upgrade_pause_seconds` | gauge | pause of the last upgrade (absent before the first) |
+//! | `baton_last_crash_pause_seconds` | gauge | pause of the last crash: the client's death to the first request its successor served (absent before the first) |
+//! | `baton_restart_attempts` | gauge | attempts of the client restart in progress (0: none runs) |
 //! | `baton_fuse_resend_available` | gauge | 1 if the kernel offered FUSE_NOTIFY_RESEND |
 //! | `baton_upgrade_in_progress` | gauge | 1 while an upgrade, rollback or restart runs |
 //! | `baton_state` | gauge | 1, with label `state`: serving, upgrading, rolling back, restarting |
@@ -24,7 +26,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use handover_proto::control::MountStatus;
+use handover_proto::control::{ClientHealth, MountStatus};
 
 /// How long a scraper may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -37,6 +39,7 @@ pub struct Snapshot {
     pub status: MountStatus,
     /// What the supervisor is doing ([`crate::upgrade::PhaseKind::as_str`]).
     pub state: &'static str,
+    pub health: ClientHealth,
 }
 
 /// The metrics endpoint could not be started.
@@ -202,6 +205,22 @@ pub fn render(s: &Snapshot) -> String {
             format!("{:.6}", p as f64 / 1e6),
         );
     }
+    if let Some(p) = s.health.last_crash_pause_us {
+        metric(
+            "baton_last_crash_pause_seconds",
+            "gauge",
+            "Pause of the last crash: the client's death to the first request its successor served.",
+            "",
+            format!("{:.6}", p as f64 / 1e6),
+        );
+    }
+    metric(
+        "baton_restart_attempts",
+        "gauge",
+        "Attempts of the client restart in progress (0: none runs).",
+        "",
+        s.health.restart_attempts.to_string(),
+    );
     metric(
         "baton_fuse_resend_available",
         "gauge",
@@ -252,6 +271,14 @@ mod tests {
                 last_rollback: None,
             },
             state: "serving",
+            health: ClientHealth {
+                state: "serving".into(),
+                reason: None,
+                restart_attempts: 0,
+                next_attempt_ms: None,
+                last_crash: Some("killed by SIGKILL".into()),
+                last_crash_pause_us: Some(40_000),
+            },
         }
     }
 
@@ -266,6 +293,8 @@ mod tests {
             format!("baton_upgrade_rollbacks_total{{{l}}} 1"),
             format!("baton_client_restarts_total{{{l}}} 0"),
             format!("baton_last_upgrade_pause_seconds{{{l}}} 0.001234"),
+            format!("baton_last_crash_pause_seconds{{{l}}} 0.040000"),
+            format!("baton_restart_attempts{{{l}}} 0"),
             format!("baton_fuse_resend_available{{{l}}} 1"),
             format!("baton_upgrade_in_progress{{{l}}} 0"),
             format!("baton_state{{{l},state=\"serving\"}} 1"),

@@ -270,9 +270,13 @@ pub enum JournalError {
 /// SCM_RIGHTS) that the supervisor keeps for the life of the mount, so that what a
 /// client wrote into it survives the client.
 pub fn create_journal(bytes: u64) -> Result<OwnedFd, JournalError> {
-    let fd = nix::sys::memfd::memfd_create(c"baton-journal", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-        .map_err(JournalError::Create)?;
-    let len = libc::off_t::try_from(bytes).map_err(|_| JournalError::Size { bytes, source: Errno::EFBIG })?;
+    let fd =
+        nix::sys::memfd::memfd_create(c"baton-journal", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(JournalError::Create)?;
+    let len = libc::off_t::try_from(bytes).map_err(|_| JournalError::Size {
+        bytes,
+        source: Errno::EFBIG,
+    })?;
     nix::unistd::ftruncate(&fd, len).map_err(|source| JournalError::Size { bytes, source })?;
     Ok(fd)
 }

@@ -61,19 +61,46 @@ pub fn inherit_fd(cmd: &mut Command, fd: RawFd) {
 }
 
 /// A running client and the supervisor's end of its handover socket. Dropping it kills
-/// and reaps the client unless it was already reaped.
+/// and reaps the client unless it was already reaped or [`ClientProcess::release`]d.
+///
+/// The client is either this process's child, or a client this supervisor adopted
+/// (`crate::adopt`: its supervisor died or was replaced): a non-child cannot be waited
+/// for, so its exit is seen on the pidfd only and its exit status is unknown.
 #[derive(Debug)]
 pub struct ClientProcess {
-    child: Child,
+    child: Proc,
     channel: OwnedFd,
     /// Readable once the process has exited (pidfd_open(2)): exits are events of the
     /// supervisor's poll loop, distinct from the channel closing.
     pidfd: OwnedFd,
     exited: Option<ExitStatus>,
+    /// A non-child seen exiting (its status is unknown).
+    gone: bool,
+    /// Left running on purpose (the supervisor is replaced): not killed on drop.
+    released: bool,
+}
+
+#[derive(Debug)]
+enum Proc {
+    Child(Child),
+    Adopted(u32),
+}
+
+const UNKNOWN_STATUS: &str = "not a child of this supervisor";
+
+/// Whether `pidfd` is readable (the process exited), waiting up to `timeout`.
+fn pidfd_exited(pidfd: &OwnedFd, timeout: Duration) -> bool {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(
+        pidfd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let t = nix::poll::PollTimeout::try_from(timeout).unwrap_or(nix::poll::PollTimeout::MAX);
+    matches!(nix::poll::poll(&mut fds, t), Ok(n) if n > 0)
 }
 
 /// `pidfd_open(pid, 0)`: a close-on-exec descriptor that becomes readable when `pid` exits.
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes two integers and returns a new descriptor or -1; no memory
     // is passed.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -119,11 +146,64 @@ impl ClientProcess {
         };
         tracing::info!(pid = child.id(), binary = %binary.display(), "client started");
         Ok(ClientProcess {
-            child,
+            child: Proc::Child(child),
             channel: ours,
             pidfd,
             exited: None,
+            gone: false,
+            released: false,
         })
+    }
+
+    /// A client this process did not start: `pid`, watched through `pidfd`, talked to on
+    /// `channel`.
+    pub fn adopted(pid: u32, channel: OwnedFd, pidfd: OwnedFd) -> ClientProcess {
+        ClientProcess {
+            child: Proc::Adopted(pid),
+            channel,
+            pidfd,
+            exited: None,
+            gone: false,
+            released: false,
+        }
+    }
+
+    /// Whether this client was adopted (not started by this process).
+    pub fn is_adopted(&self) -> bool {
+        matches!(self.child, Proc::Adopted(_))
+    }
+
+    /// Replaces the handover channel (this supervisor adopted its own client back).
+    pub fn replace_channel(&mut self, channel: OwnedFd) {
+        self.channel = channel;
+    }
+
+    /// Leaves the client running when this is dropped (another supervisor adopts it).
+    pub fn release(mut self) {
+        self.released = true;
+    }
+
+    fn signal_kill(&mut self) -> std::io::Result<()> {
+        match &mut self.child {
+            Proc::Child(c) => c.kill(),
+            Proc::Adopted(_) => {
+                // SAFETY: pidfd_send_signal takes a descriptor we own, a signal number and
+                // a null siginfo; no memory of ours is written.
+                let rc = unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        self.pidfd.as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    )
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Readable once the process has exited.
@@ -133,9 +213,9 @@ impl ClientProcess {
 
     /// Sends SIGKILL (without waiting: the exit is seen on [`ClientProcess::pidfd`]).
     pub fn kill(&mut self) {
-        if self.exited.is_none() {
-            if let Err(e) = self.child.kill() {
-                tracing::warn!(pid = self.child.id(), error = %e, "cannot kill the client");
+        if self.exited.is_none() && !self.gone {
+            if let Err(e) = self.signal_kill() {
+                tracing::warn!(pid = self.pid(), error = %e, "cannot kill the client");
             }
         }
     }
@@ -145,13 +225,26 @@ impl ClientProcess {
         if let Some(s) = self.exited {
             return Ok(Some(s));
         }
-        let s = self.child.try_wait()?;
+        let child = match &mut self.child {
+            Proc::Child(c) => c,
+            Proc::Adopted(_) => {
+                if self.gone || pidfd_exited(&self.pidfd, Duration::ZERO) {
+                    self.gone = true;
+                    return Err(std::io::Error::other(UNKNOWN_STATUS));
+                }
+                return Ok(None);
+            }
+        };
+        let s = child.try_wait()?;
         self.exited = s;
         Ok(s)
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.child {
+            Proc::Child(c) => c.id(),
+            Proc::Adopted(pid) => *pid,
+        }
     }
 
     pub fn channel(&self) -> &OwnedFd {
@@ -164,19 +257,28 @@ impl ClientProcess {
         if let Some(s) = self.exited {
             return Ok(s);
         }
+        if self.is_adopted() {
+            if !self.gone && !pidfd_exited(&self.pidfd, timeout) {
+                tracing::warn!(pid = self.pid(), "client did not exit in time; killing it");
+                let _ = self.signal_kill();
+                pidfd_exited(&self.pidfd, Duration::from_secs(5));
+            }
+            self.gone = true;
+            return Err(std::io::Error::other(UNKNOWN_STATUS));
+        }
+        let Proc::Child(child) = &mut self.child else {
+            return Err(std::io::Error::other(UNKNOWN_STATUS));
+        };
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(s) = self.child.try_wait()? {
+            if let Some(s) = child.try_wait()? {
                 self.exited = Some(s);
                 return Ok(s);
             }
             if Instant::now() >= deadline {
-                tracing::warn!(
-                    pid = self.child.id(),
-                    "client did not exit in time; killing it"
-                );
-                let _ = self.child.kill();
-                let s = self.child.wait()?;
+                tracing::warn!(pid = child.id(), "client did not exit in time; killing it");
+                let _ = child.kill();
+                let s = child.wait()?;
                 self.exited = Some(s);
                 return Ok(s);
             }
@@ -187,9 +289,17 @@ impl ClientProcess {
 
 impl Drop for ClientProcess {
     fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if self.released || self.exited.is_some() || self.gone {
+            return;
+        }
+        match &mut self.child {
+            Proc::Child(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Proc::Adopted(_) => {
+                let _ = self.signal_kill();
+            }
         }
     }
 }

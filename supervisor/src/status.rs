@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use handover_proto::control::{ControlRequest, ControlResponse, MountStatus};
+use handover_proto::control::{ClientHealth, ControlRequest, ControlResponse, MountStatus};
 
 use crate::control::{self, RequestError};
 use crate::home::Home;
@@ -25,24 +25,41 @@ pub enum StatusError {
     Unexpected { path: PathBuf, answer: String },
     #[error("cannot read /proc/self/mountinfo")]
     Mountinfo(#[source] std::io::Error),
+    #[error(
+        "no supervisor answers for {0}, but its client serves and waits for one: run `baton mount {0}` with the options the mount was made with to adopt it"
+    )]
+    Unsupervised(PathBuf),
+}
+
+/// A mount's status and its client's health.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub status: MountStatus,
+    pub health: ClientHealth,
 }
 
 /// The status of the mount at `mountpoint`.
-pub fn status(home: &Home, mountpoint: &Path) -> Result<MountStatus, StatusError> {
+pub fn status(home: &Home, mountpoint: &Path) -> Result<Report, StatusError> {
     let mp = resolve(mountpoint);
-    match control::request(home, &mp, &ControlRequest::Status, STATUS_TIMEOUT) {
-        Ok(ControlResponse::Status(s)) => Ok(s),
+    match control::request(home, &mp, &ControlRequest::Health, STATUS_TIMEOUT) {
+        Ok(ControlResponse::Health { status, health }) => Ok(Report { status, health }),
         Ok(other) => Err(StatusError::Unexpected {
             path: mp,
             answer: format!("{other:?}"),
         }),
+        Err(RequestError::NoSupervisor(_))
+            if handover_proto::rendezvous::adopt_socket_path(home.path(), &mp).exists()
+                && std::fs::metadata(&mp).is_ok() =>
+        {
+            Err(StatusError::Unsupervised(mp))
+        }
         Err(source) => Err(StatusError::Control { path: mp, source }),
     }
 }
 
 /// The status of every Baton mount of this host (those whose supervisor does not answer
 /// are reported as errors).
-pub fn status_all(home: &Home) -> Result<Vec<Result<MountStatus, StatusError>>, StatusError> {
+pub fn status_all(home: &Home) -> Result<Vec<Result<Report, StatusError>>, StatusError> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(StatusError::Mountinfo)?;
     Ok(mount::parse_mountinfo(&text)
         .into_iter()
@@ -56,8 +73,10 @@ pub fn millis(us: u64) -> String {
     format!("{}.{:03} ms", us / 1000, us % 1000)
 }
 
-/// One mount as a JSON object whose keys are the fields of [`MountStatus`].
-pub fn to_json(s: &MountStatus) -> serde_json::Value {
+/// One mount as a JSON object whose keys are the fields of [`MountStatus`] and
+/// [`ClientHealth`].
+pub fn to_json(r: &Report) -> serde_json::Value {
+    let (s, h) = (&r.status, &r.health);
     serde_json::json!({
         "mountpoint": s.mountpoint.display().to_string(),
         "volume": s.volume,
@@ -75,11 +94,28 @@ pub fn to_json(s: &MountStatus) -> serde_json::Value {
         "restarts": s.restarts,
         "last_pause_us": s.last_pause_us,
         "last_rollback": s.last_rollback,
+        "state": h.state,
+        "reason": h.reason,
+        "restart_attempts": h.restart_attempts,
+        "next_attempt_ms": h.next_attempt_ms,
+        "last_crash": h.last_crash,
+        "last_crash_pause_us": h.last_crash_pause_us,
     })
 }
 
 /// One human-readable block per mount.
-pub fn render(s: &MountStatus) -> String {
+pub fn render(r: &Report) -> String {
+    let (s, h) = (&r.status, &r.health);
+    let state = match &h.reason {
+        Some(why) => format!("  state:      {}: {why}\n", h.state),
+        None => format!("  state:      {}\n", h.state),
+    };
+    let crash = h.last_crash.as_ref().map_or_else(String::new, |c| {
+        let pause = h
+            .last_crash_pause_us
+            .map_or_else(String::new, |p| format!(" (recovered in {})", millis(p)));
+        format!("  last crash: {c}{pause}\n")
+    });
     let up = Duration::from_millis(s.uptime_ms).as_secs();
     let resend = if s.resend {
         "resend available"
@@ -94,7 +130,7 @@ pub fn render(s: &MountStatus) -> String {
         .as_ref()
         .map_or_else(String::new, |r| format!("  last rollback: {r}\n"));
     format!(
-        "{mp}\n  volume:     {vol} ({meta})\n  supervisor: pid {sp}, up {h}h{m:02}m{sec:02}s\n  client:     generation {g}, pid {cp}, version {v}\n  fuse:       ABI 7.{minor}, max_write {mw}, {resend}\n  upgrades:   {ups} done, {rbs} rolled back, {rs} client restarts{pause}\n{rollback}",
+        "{mp}\n{state}  volume:     {vol} ({meta})\n  supervisor: pid {sp}, up {hh}h{m:02}m{sec:02}s\n  client:     generation {g}, pid {cp}, version {v}\n  fuse:       ABI 7.{minor}, max_write {mw}, {resend}\n  upgrades:   {ups} done, {rbs} rolled back, {rs} client restarts{pause}\n{rollback}{crash}",
         ups = s.upgrades,
         rbs = s.rollbacks,
         rs = s.restarts,
@@ -102,7 +138,7 @@ pub fn render(s: &MountStatus) -> String {
         vol = s.volume,
         meta = s.meta_url,
         sp = s.supervisor_pid,
-        h = up / 3600,
+        hh = up / 3600,
         m = up / 60 % 60,
         sec = up % 60,
         g = s.generation,

@@ -13,8 +13,10 @@
 //!       `baton umount` (control) -> umount (busy: answer Busy, keep serving), Shutdown...
 //!       `baton upgrade`          -> live upgrade (upgrade::machine)
 //!       client's SessionEnded   -> (unmounted from outside) Shutdown, reap, exit 0
-//!       serving client exits    -> restarted from the handed-over state right after an
-//!                                  upgrade; otherwise lazy umount, exit non-zero
+//!       serving client exits    -> a successor is started at once on the same session
+//!                                  (from the handed-over state right after an upgrade,
+//!                                  else without a state), RESEND, serve; crash loops back
+//!                                  off and the mount stays (`baton status` says why)
 //! ```
 //!
 //! The supervisor keeps its /dev/fuse descriptor until it exits: the connection lives as
@@ -26,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use fsclient::data::redact;
 use fsclient::meta::{self, MetaError};
 use handover_proto::channel::{self, RecvError, SendError};
 use handover_proto::fuse_init::{InitError, InitReply};
@@ -35,7 +38,8 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use crate::control::{BindError, ControlServer};
+use crate::adopt::{self, AdoptError, Adopted};
+use crate::control::{BindError, CONTROL_FD_ENV, ControlServer};
 use crate::format::{self, FormatError, FormatOptions};
 use crate::home::{DEFAULT_VOLUME, Home};
 use crate::metrics::{MetricsError, MetricsServer};
@@ -161,8 +165,6 @@ pub enum SuperviseError {
     BadInitReply(#[source] InitError),
     #[error("the kernel refused the INIT reply")]
     WriteInitReply(#[source] Errno),
-    #[error("{reason}; the mount was detached")]
-    Lost { reason: String },
     #[error("cannot serve metrics")]
     Metrics(#[source] MetricsError),
     #[error("cannot unmount")]
@@ -171,6 +173,12 @@ pub enum SuperviseError {
     Flush(String),
     #[error("waiting for events failed")]
     Poll(#[source] Errno),
+    #[error("cannot adopt the live client of the mount")]
+    Adopt(#[source] AdoptError),
+    #[error(
+        "the live client of the mount serves {theirs}, not {ours}: run `baton mount` with the options the mount was made with"
+    )]
+    AdoptedOtherVolume { ours: String, theirs: String },
 }
 
 /// What the pre-checks found.
@@ -221,7 +229,9 @@ fn precheck(home: &Home, opts: &MountOptions) -> Result<Target, SuperviseError> 
     if !default {
         if let Ok(u) = url::Url::parse(&meta_url) {
             if u.scheme() == "redb" && !Path::new(u.path()).exists() {
-                return Err(SuperviseError::NotFormatted { url: meta_url });
+                return Err(SuperviseError::NotFormatted {
+                    url: redact(&meta_url),
+                });
             }
         }
     }
@@ -229,7 +239,7 @@ fn precheck(home: &Home, opts: &MountOptions) -> Result<Target, SuperviseError> 
         let engine = meta::open(&meta_url).map_err(|source| match source {
             MetaError::BadUrl { .. } => SuperviseError::BadMetaUrl(source),
             source => SuperviseError::MetaUnreachable {
-                url: meta_url.clone(),
+                url: redact(&meta_url),
                 source,
             },
         })?;
@@ -252,11 +262,13 @@ fn precheck(home: &Home, opts: &MountOptions) -> Result<Target, SuperviseError> 
                     .name
             }
             Err(MetaError::NotFormatted) => {
-                return Err(SuperviseError::NotFormatted { url: meta_url });
+                return Err(SuperviseError::NotFormatted {
+                    url: redact(&meta_url),
+                });
             }
             Err(source) => {
                 return Err(SuperviseError::MetaUnreachable {
-                    url: meta_url.clone(),
+                    url: redact(&meta_url),
                     source,
                 });
             }
@@ -546,12 +558,23 @@ impl Supervisor {
     }
 }
 
+/// How long a supervisor started by its predecessor (`baton upgrade --supervisor`) waits
+/// for the client to listen on its adopt socket.
+const HANDED_OVER_WAIT: Duration = Duration::from_secs(10);
+
 /// Runs `baton mount` in the foreground. `on_ready` is called once the mount serves.
+///
+/// On a live Baton mount whose supervisor is gone (or hands over to this process), the
+/// serving client is adopted instead ([`crate::adopt`]): this process supervises it as if
+/// it had started it.
 pub fn run(
     home: &Home,
     opts: &MountOptions,
     on_ready: impl FnOnce(&Path),
 ) -> Result<(), SuperviseError> {
+    if let Some((mountpoint, adopted)) = find_live_client(home, opts)? {
+        return run_adopted(home, opts, mountpoint, adopted, on_ready);
+    }
     let target = precheck(home, opts)?;
     let span = tracing::info_span!("mount", mountpoint = %target.mountpoint.display(), volume = %target.volume);
     let _entered = span.enter();
@@ -609,6 +632,167 @@ pub fn run(
     };
     on_ready(&sup.target.mountpoint);
     let parts = sup.into_driver(fuse, negotiated, binary, args, spec, metrics);
+    Driver::new(parts).run()
+}
+
+/// The client of a live Baton mount at the mountpoint that waits for a supervisor, if
+/// there is one (else the usual checks report what is mounted there).
+fn find_live_client(
+    home: &Home,
+    opts: &MountOptions,
+) -> Result<Option<(PathBuf, Adopted)>, SuperviseError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let Ok(mountpoint) = std::fs::canonicalize(&opts.mountpoint) else {
+        return Ok(None);
+    };
+    match mount::mount_at(&mountpoint).map_err(SuperviseError::Mountinfo)? {
+        Some(e) if e.fstype == mount::FSTYPE => {}
+        _ => return Ok(None),
+    }
+    let wait = if std::env::var_os(CONTROL_FD_ENV).is_some() {
+        HANDED_OVER_WAIT
+    } else {
+        Duration::ZERO
+    };
+    match adopt::adopt(home, &mountpoint, wait) {
+        Ok(Some(a)) => Ok(Some((mountpoint, a))),
+        Ok(None) => Ok(None),
+        Err(e) => Err(SuperviseError::Adopt(e)),
+    }
+}
+
+/// Supervises an adopted client: from here on as if this process had started it.
+fn run_adopted(
+    home: &Home,
+    opts: &MountOptions,
+    mountpoint: PathBuf,
+    adopted: Adopted,
+    on_ready: impl FnOnce(&Path),
+) -> Result<(), SuperviseError> {
+    let Adopted {
+        client,
+        adoption,
+        fuse,
+        journal,
+    } = adopted;
+    let span = tracing::info_span!("mount", mountpoint = %mountpoint.display(), volume = %adoption.spec.volume);
+    let _entered = span.enter();
+    // On any failure before the loop runs, the client is left serving (not killed): it
+    // sees its channel close and waits for the next supervisor.
+    let ours = opts
+        .meta
+        .clone()
+        .unwrap_or_else(|| home.default_meta_url(DEFAULT_VOLUME));
+    if ours != adoption.spec.meta_url {
+        client.release();
+        return Err(SuperviseError::AdoptedOtherVolume {
+            ours: redact(&ours),
+            theirs: redact(&adoption.spec.meta_url),
+        });
+    }
+    let params = match handover_proto::fuse_init::InitRequest::parse(&adoption.init_request)
+        .and_then(|r| InitReply::parse(&adoption.init_reply, r.unique))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            client.release();
+            return Err(SuperviseError::BadInitReply(e));
+        }
+    };
+    let control = match ControlServer::from_env(home, &mountpoint) {
+        Some(c) => c,
+        None => match ControlServer::bind(home, &mountpoint) {
+            Ok(c) => c,
+            Err(e) => {
+                client.release();
+                return Err(SuperviseError::Control(e));
+            }
+        },
+    };
+    let signals = match block_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            client.release();
+            return Err(e);
+        }
+    };
+    let binary = match opts
+        .client
+        .clone()
+        .or_else(|| adopt::client_binary(adoption.pid))
+    {
+        Some(b) => b,
+        None => match spawn::default_client() {
+            Ok(b) => b,
+            Err(e) => {
+                client.release();
+                return Err(SuperviseError::Spawn(e));
+            }
+        },
+    };
+    let journal = match journal {
+        Some(j) => j,
+        None => match mount::create_journal(mount::JOURNAL_BYTES) {
+            Ok(j) => j,
+            Err(e) => {
+                client.release();
+                return Err(SuperviseError::Journal(e));
+            }
+        },
+    };
+    let client_args = vec![
+        "--log-format".to_string(),
+        opts.log_format.as_str().to_string(),
+    ];
+    let started = Instant::now();
+    let metrics = match opts.metrics {
+        Some(addr) => match MetricsServer::start(addr, started) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::error!(error = %fsclient::client::error_chain(&e), "metrics are not served");
+                None
+            }
+        },
+        None => None,
+    };
+    tracing::info!(
+        pid = adoption.pid,
+        generation = %adoption.generation,
+        binary = %binary.display(),
+        "supervising the adopted client"
+    );
+    let spec = adoption.spec;
+    let parts = DriverParts {
+        facts: MountFacts {
+            mountpoint: mountpoint.clone(),
+            volume: spec.volume.clone(),
+            meta_url: spec.meta_url.clone(),
+            fuse_minor: params.minor,
+            max_write: params.max_write,
+            started,
+        },
+        control,
+        signals,
+        fuse,
+        first: client,
+        first_info: ClientInfo {
+            generation: adoption.generation,
+            binary,
+            version: adoption.version,
+            hello: adoption.hello,
+            session: adoption.session,
+            spec,
+        },
+        init_request: adoption.init_request,
+        init_reply: adoption.init_reply,
+        client_args,
+        metrics,
+        timings: Timings::default(),
+        journal,
+    };
+    on_ready(&mountpoint);
     Driver::new(parts).run()
 }
 

@@ -331,23 +331,34 @@ fn background_mount_returns_once_serving() {
 }
 
 #[test]
-fn killed_client_detaches_and_fails() {
+fn killed_client_is_replaced_and_the_mount_serves_on() {
     if !root_with_client() {
         return;
     }
     let mut f = Fixture::new();
     f.mount_foreground(&[]);
-    kill(f.client_pid(), Signal::SIGKILL).expect("kill client");
-    let status = f.wait_supervisor();
-    assert!(
-        !status.success(),
-        "a lost client is an error until restarts exist"
+    std::fs::write(f.mnt().join("kept"), b"before the kill").expect("write");
+    let first = f.client_pid();
+    kill(first, Signal::SIGKILL).expect("kill client");
+    // A successor takes the connection over; nothing was unmounted.
+    wait_until("another client serves", || {
+        let out = f.run(&["status", &f.mnt().display().to_string()]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("state:      serving") && !text.contains(&format!("pid {first},"))
+    });
+    assert!(is_mounted(&f.mnt()));
+    assert_eq!(
+        std::fs::read(f.mnt().join("kept")).expect("read after the kill"),
+        b"before the kill"
     );
+    std::fs::write(f.mnt().join("new"), b"after the kill").expect("write after the kill");
     assert!(
         f.log_text().contains("exited unexpectedly"),
         "{}",
         f.log_text()
     );
+    kill(f.supervisor_pid(), Signal::SIGTERM).expect("kill");
+    assert!(f.wait_supervisor().success(), "{}", f.log_text());
     assert!(!is_mounted(&f.mnt()));
 }
 

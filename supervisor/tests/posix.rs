@@ -18,7 +18,9 @@ fn mount() -> TestMount {
 }
 
 fn errno_of<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
-    r.expect_err("expected an error").raw_os_error().expect("an OS error")
+    r.expect_err("expected an error")
+        .raw_os_error()
+        .expect("an OS error")
 }
 
 fn cpath(p: &Path) -> CString {
@@ -68,13 +70,24 @@ fn files_directories_and_errnos() {
     assert_eq!(errno_of(File::create(d.join(&long))), libc::ENAMETOOLONG);
     File::create(d.join("x".repeat(255))).unwrap();
     assert_eq!(
-        errno_of(OpenOptions::new().write(true).create_new(true).open(d.join("a.txt"))),
+        errno_of(
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(d.join("a.txt"))
+        ),
         libc::EEXIST
     );
 
-    let mut names: Vec<String> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
-    assert_eq!(names, vec!["a.txt".to_string(), "sub".into(), "x".repeat(255)]);
+    assert_eq!(
+        names,
+        vec!["a.txt".to_string(), "sub".into(), "x".repeat(255)]
+    );
 
     fs::remove_file(d.join("a.txt")).unwrap();
     fs::remove_file(d.join("x".repeat(255))).unwrap();
@@ -91,7 +104,12 @@ fn symlinks_hard_links_and_special_files() {
     std::os::unix::fs::symlink("target", m.path("link")).unwrap();
     assert_eq!(fs::read_link(m.path("link")).unwrap(), Path::new("target"));
     assert_eq!(fs::read(m.path("link")).unwrap(), b"data");
-    assert!(fs::symlink_metadata(m.path("link")).unwrap().file_type().is_symlink());
+    assert!(
+        fs::symlink_metadata(m.path("link"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     std::os::unix::fs::symlink("nowhere", m.path("dangling")).unwrap();
     assert_eq!(errno_of(fs::read(m.path("dangling"))), libc::ENOENT);
 
@@ -100,9 +118,15 @@ fn symlinks_hard_links_and_special_files() {
     let b = fs::metadata(m.path("hard")).unwrap();
     assert_eq!(a.ino(), b.ino());
     assert_eq!(b.nlink(), 2);
-    assert_eq!(errno_of(fs::hard_link(m.path("target"), m.path("hard"))), libc::EEXIST);
+    assert_eq!(
+        errno_of(fs::hard_link(m.path("target"), m.path("hard"))),
+        libc::EEXIST
+    );
     fs::create_dir(m.path("d")).unwrap();
-    assert_eq!(errno_of(fs::hard_link(m.path("d"), m.path("d2"))), libc::EPERM);
+    assert_eq!(
+        errno_of(fs::hard_link(m.path("d"), m.path("d2"))),
+        libc::EPERM
+    );
     fs::remove_file(m.path("target")).unwrap();
     assert_eq!(fs::metadata(m.path("hard")).unwrap().nlink(), 1);
     assert_eq!(fs::read(m.path("hard")).unwrap(), b"data");
@@ -111,12 +135,19 @@ fn symlinks_hard_links_and_special_files() {
     let fifo = cpath(&m.path("fifo"));
     // SAFETY: valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
-    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&fs::metadata(m.path("fifo")).unwrap().file_type()));
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(
+        &fs::metadata(m.path("fifo")).unwrap().file_type()
+    ));
     let dev = cpath(&m.path("null"));
-    // SAFETY: valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) }, 0);
+    assert_eq!(
+        // SAFETY: valid NUL-terminated path.
+        unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) },
+        0
+    );
     let md = fs::metadata(m.path("null")).unwrap();
-    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&md.file_type()));
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &md.file_type()
+    ));
     assert_eq!(md.rdev(), libc::makedev(1, 3));
     m.umount().unwrap();
 }
@@ -124,7 +155,15 @@ fn symlinks_hard_links_and_special_files() {
 fn renameat2(from: &Path, to: &Path, flags: u32) -> i32 {
     let (a, b) = (cpath(from), cpath(to));
     // SAFETY: valid NUL-terminated paths; AT_FDCWD with absolute paths.
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    };
     if r == 0 { 0 } else { last_errno() }
 }
 
@@ -139,11 +178,20 @@ fn rename_variants() {
     assert_eq!(errno_of(fs::metadata(m.path("a"))), libc::ENOENT);
 
     fs::write(m.path("c"), b"C").unwrap();
-    assert_eq!(renameat2(&m.path("c"), &m.path("b"), libc::RENAME_NOREPLACE), libc::EEXIST);
-    assert_eq!(renameat2(&m.path("c"), &m.path("b"), libc::RENAME_EXCHANGE), 0);
+    assert_eq!(
+        renameat2(&m.path("c"), &m.path("b"), libc::RENAME_NOREPLACE),
+        libc::EEXIST
+    );
+    assert_eq!(
+        renameat2(&m.path("c"), &m.path("b"), libc::RENAME_EXCHANGE),
+        0
+    );
     assert_eq!(fs::read(m.path("b")).unwrap(), b"C");
     assert_eq!(fs::read(m.path("c")).unwrap(), b"A");
-    assert_eq!(renameat2(&m.path("c"), &m.path("nope"), libc::RENAME_EXCHANGE), libc::ENOENT);
+    assert_eq!(
+        renameat2(&m.path("c"), &m.path("nope"), libc::RENAME_EXCHANGE),
+        libc::ENOENT
+    );
 
     // Directories move with their contents; no moving below itself.
     fs::create_dir_all(m.path("x/y")).unwrap();
@@ -153,14 +201,23 @@ fn rename_variants() {
     assert_eq!(fs::read(m.path("z/y/f")).unwrap(), b"deep");
     assert_eq!(fs::metadata(m.path("x")).unwrap().nlink(), 2);
     assert_eq!(fs::metadata(m.path("z")).unwrap().nlink(), 3);
-    assert_eq!(errno_of(fs::rename(m.path("z"), m.path("z/y/inside"))), libc::EINVAL);
+    assert_eq!(
+        errno_of(fs::rename(m.path("z"), m.path("z/y/inside"))),
+        libc::EINVAL
+    );
     // Onto an empty directory: replaced; onto a non-empty one: ENOTEMPTY.
     fs::rename(m.path("x"), m.path("z/y/empty_target_dir_missing")).unwrap();
     fs::create_dir(m.path("e")).unwrap();
     fs::rename(m.path("e"), m.path("z/y/empty_target_dir_missing")).unwrap();
-    assert_eq!(errno_of(fs::rename(m.path("z"), m.path("b"))), libc::ENOTDIR);
+    assert_eq!(
+        errno_of(fs::rename(m.path("z"), m.path("b"))),
+        libc::ENOTDIR
+    );
     fs::create_dir(m.path("w")).unwrap();
-    assert_eq!(errno_of(fs::rename(m.path("w"), m.path("z"))), libc::ENOTEMPTY);
+    assert_eq!(
+        errno_of(fs::rename(m.path("w"), m.path("z"))),
+        libc::ENOTEMPTY
+    );
     assert_eq!(errno_of(fs::rename(m.path("b"), m.path("w"))), libc::EISDIR);
     m.umount().unwrap();
 }
@@ -177,7 +234,8 @@ fn attributes_and_times() {
     assert_eq!((md.uid(), md.gid()), (1234, 5678));
     let f = File::options().write(true).open(&p).unwrap();
     let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_600_000_000, 123_456_789);
-    f.set_times(fs::FileTimes::new().set_accessed(t).set_modified(t)).unwrap();
+    f.set_times(fs::FileTimes::new().set_accessed(t).set_modified(t))
+        .unwrap();
     let md = fs::metadata(&p).unwrap();
     assert_eq!((md.mtime(), md.mtime_nsec()), (1_600_000_000, 123_456_789));
     assert_eq!((md.atime(), md.atime_nsec()), (1_600_000_000, 123_456_789));
@@ -197,7 +255,13 @@ fn attributes_and_times() {
 fn sparse_files_truncate_and_fallocate() {
     let m = mount();
     let p = m.path("sparse");
-    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
     f.seek(SeekFrom::Start(10 << 20)).unwrap();
     f.write_all(b"tail").unwrap();
     f.sync_all().unwrap();
@@ -224,14 +288,27 @@ fn sparse_files_truncate_and_fallocate() {
     // SAFETY: fd is open for writing.
     assert_eq!(unsafe { libc::fallocate(fd, 0, 0, 4096) }, 0);
     assert_eq!(fs::metadata(&p).unwrap().len(), 4096);
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 10, 20) }, 0);
+    assert_eq!(
+        // SAFETY: as above.
+        unsafe {
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                10,
+                20,
+            )
+        },
+        0
+    );
     let data = fs::read(&p).unwrap();
     assert_eq!(&data[..10], &[7; 10]);
     assert!(data[10..30].iter().all(|&b| b == 0));
     assert_eq!(&data[30..50], &[7; 20]);
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::fallocate(fd, libc::FALLOC_FL_COLLAPSE_RANGE, 0, 4096) }, -1);
+    assert_eq!(
+        // SAFETY: as above.
+        unsafe { libc::fallocate(fd, libc::FALLOC_FL_COLLAPSE_RANGE, 0, 4096) },
+        -1
+    );
     assert_eq!(last_errno(), libc::EOPNOTSUPP);
     // SEEK_DATA / SEEK_HOLE: the whole file is data.
     // SAFETY: as above.
@@ -282,7 +359,10 @@ fn large_file_checksum_and_persistence_across_remount() {
         total += n;
     }
     assert_eq!(total, size);
-    assert_eq!(check, hasher, "the 256 MiB file reads back with the same checksum");
+    assert_eq!(
+        check, hasher,
+        "the 256 MiB file reads back with the same checksum"
+    );
     // Random reads land on the right bytes too.
     for i in [0u64, 17, 131, 255] {
         f.seek(SeekFrom::Start(i << 20)).unwrap();
@@ -341,14 +421,23 @@ fn xattrs() {
     let set = |name: &str, val: &[u8], flags: i32| {
         let n = CString::new(name).unwrap();
         // SAFETY: valid pointers and lengths.
-        let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), val.as_ptr().cast(), val.len(), flags) };
+        let r = unsafe {
+            libc::setxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                val.as_ptr().cast(),
+                val.len(),
+                flags,
+            )
+        };
         if r == 0 { 0 } else { last_errno() }
     };
     let get = |name: &str| -> Result<Vec<u8>, i32> {
         let n = CString::new(name).unwrap();
         let mut buf = vec![0u8; 256];
         // SAFETY: valid pointers; buf has room for 256 bytes.
-        let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let r =
+            unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if r < 0 {
             return Err(last_errno());
         }
@@ -358,23 +447,35 @@ fn xattrs() {
     assert_eq!(set("user.color", b"blue", 0), 0);
     assert_eq!(get("user.color").unwrap(), b"blue");
     assert_eq!(set("user.color", b"red", libc::XATTR_CREATE), libc::EEXIST);
-    assert_eq!(set("user.shape", b"round", libc::XATTR_REPLACE), libc::ENODATA);
+    assert_eq!(
+        set("user.shape", b"round", libc::XATTR_REPLACE),
+        libc::ENODATA
+    );
     assert_eq!(set("user.shape", &[0, 1, 2, 255], 0), 0);
     assert_eq!(get("user.shape").unwrap(), vec![0, 1, 2, 255]);
     assert_eq!(get("user.none"), Err(libc::ENODATA));
     // A buffer that is too small is ERANGE; size 0 asks for the size.
     let n = CString::new("user.color").unwrap();
     let mut tiny = [0u8; 2];
-    // SAFETY: valid pointers and lengths.
-    assert_eq!(unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), tiny.as_mut_ptr().cast(), 2) }, -1);
+    assert_eq!(
+        // SAFETY: valid pointers and lengths.
+        unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), tiny.as_mut_ptr().cast(), 2) },
+        -1
+    );
     assert_eq!(last_errno(), libc::ERANGE);
-    // SAFETY: size 0 with a null buffer asks for the length.
-    assert_eq!(unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) }, 4);
+    assert_eq!(
+        // SAFETY: size 0 with a null buffer asks for the length.
+        unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) },
+        4
+    );
     let mut list = vec![0u8; 256];
     // SAFETY: valid pointers and lengths.
     let len = unsafe { libc::listxattr(p.as_ptr(), list.as_mut_ptr().cast(), list.len()) };
     assert!(len > 0);
-    let mut names: Vec<&[u8]> = list[..len as usize].split(|&b| b == 0).filter(|s| !s.is_empty()).collect();
+    let mut names: Vec<&[u8]> = list[..len as usize]
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .collect();
     names.sort();
     assert_eq!(names, vec![&b"user.color"[..], b"user.shape"]);
     // SAFETY: valid pointers.
@@ -404,11 +505,15 @@ fn posix_locks_and_flock_between_processes() {
         let g = OpenOptions::new().read(true).write(true).open(&pp).unwrap();
         let mut l = flock_struct(libc::F_WRLCK, 2, 1);
         // SAFETY: valid fd and flock struct.
-        if unsafe { libc::fcntl(g.as_raw_fd(), libc::F_SETLK, &l) } != -1 || last_errno() != libc::EAGAIN {
+        if unsafe { libc::fcntl(g.as_raw_fd(), libc::F_SETLK, &l) } != -1
+            || last_errno() != libc::EAGAIN
+        {
             return 1;
         }
         // SAFETY: as above.
-        if unsafe { libc::fcntl(g.as_raw_fd(), libc::F_GETLK, &mut l) } != 0 || l.l_type != libc::F_WRLCK as i16 {
+        if unsafe { libc::fcntl(g.as_raw_fd(), libc::F_GETLK, &mut l) } != 0
+            || l.l_type != libc::F_WRLCK as i16
+        {
             return 2;
         }
         if (l.l_start, l.l_len) != (0, 5) {
@@ -421,12 +526,17 @@ fn posix_locks_and_flock_between_processes() {
         }
         let h = File::open(&qq).unwrap();
         // SAFETY: valid fd.
-        if unsafe { libc::flock(h.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != -1 || last_errno() != libc::EWOULDBLOCK {
+        if unsafe { libc::flock(h.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != -1
+            || last_errno() != libc::EWOULDBLOCK
+        {
             return 5;
         }
         0
     });
-    assert_eq!(code, 0, "the other process saw the locks (failed check #{code})");
+    assert_eq!(
+        code, 0,
+        "the other process saw the locks (failed check #{code})"
+    );
 
     // F_SETLKW waits until the holder unlocks.
     let pp = p.clone();
@@ -453,8 +563,17 @@ fn posix_locks_and_flock_between_processes() {
 
     // Closing releases: the flock with the file, POSIX locks with any close.
     drop(hold);
-    // SAFETY: valid fd and flock struct.
-    assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &flock_struct(libc::F_RDLCK, 0, 0)) }, 0);
+    assert_eq!(
+        // SAFETY: valid fd and flock struct.
+        unsafe {
+            libc::fcntl(
+                f.as_raw_fd(),
+                libc::F_SETLK,
+                &flock_struct(libc::F_RDLCK, 0, 0),
+            )
+        },
+        0
+    );
     drop(f);
     let (pp, qq) = (p.clone(), q.clone());
     let code = run_in_child(move || {
@@ -481,7 +600,13 @@ fn posix_locks_and_flock_between_processes() {
 }
 
 fn flock_struct(typ: i32, start: i64, len: i64) -> libc::flock {
-    libc::flock { l_type: typ as i16, l_whence: libc::SEEK_SET as i16, l_start: start, l_len: len, l_pid: 0 }
+    libc::flock {
+        l_type: typ as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    }
 }
 
 /// Runs `f` in a forked child (a separate lock owner) and returns its exit code.
@@ -497,7 +622,11 @@ fn run_in_child(f: impl FnOnce() -> i32) -> i32 {
             let mut status = 0;
             // SAFETY: waiting for our own child.
             unsafe { libc::waitpid(pid, &mut status, 0) };
-            if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 }
+            if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                -1
+            }
         }
         _ => panic!("fork failed"),
     }
@@ -531,7 +660,10 @@ fn many_threads_create_in_one_directory() {
     drop(entries);
     for t in 0..8 {
         for i in (0..100).step_by(33) {
-            assert_eq!(fs::read_to_string(d.join(format!("t{t}-{i}"))).unwrap(), format!("{t}:{i}"));
+            assert_eq!(
+                fs::read_to_string(d.join(format!("t{t}-{i}"))).unwrap(),
+                format!("{t}:{i}")
+            );
         }
     }
     m.umount().unwrap();
@@ -570,7 +702,10 @@ fn permission_checks_for_a_non_root_caller() {
     let code = run_in_child(move || {
         // SAFETY: dropping privileges in the forked child only.
         unsafe {
-            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(1000) != 0 || libc::setuid(1000) != 0 {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(1000) != 0
+                || libc::setuid(1000) != 0
+            {
                 return 10;
             }
         }
@@ -586,7 +721,11 @@ fn permission_checks_for_a_non_root_caller() {
         if errno_of(OpenOptions::new().write(true).open(mp.join("readonly"))) != libc::EACCES {
             return 4;
         }
-        if errno_of(fs::set_permissions(mp.join("readonly"), fs::Permissions::from_mode(0o777))) != libc::EPERM {
+        if errno_of(fs::set_permissions(
+            mp.join("readonly"),
+            fs::Permissions::from_mode(0o777),
+        )) != libc::EPERM
+        {
             return 5;
         }
         // Sticky directory: can create own files, cannot delete root's.
@@ -604,7 +743,10 @@ fn permission_checks_for_a_non_root_caller() {
         }
         0
     });
-    assert_eq!(code, 0, "non-root caller got the right errnos (failed check #{code})");
+    assert_eq!(
+        code, 0,
+        "non-root caller got the right errnos (failed check #{code})"
+    );
     m.umount().unwrap();
 }
 
@@ -612,7 +754,11 @@ fn permission_checks_for_a_non_root_caller() {
 fn fsync_and_concurrent_readers_writers() {
     let m = mount();
     let p = m.path("log");
-    let mut w = OpenOptions::new().create(true).append(true).open(&p).unwrap();
+    let mut w = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&p)
+        .unwrap();
     let mut expected = Vec::new();
     for i in 0..2000 {
         let line = format!("record {i:06} {}\n", "x".repeat(i % 50));

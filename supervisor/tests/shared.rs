@@ -14,11 +14,22 @@ use testkit::s3::S3Server;
 /// Formats a volume and returns mount options for it. No attribute caching, so that a
 /// test sees another mount's changes without waiting for a cache to expire.
 fn format(home: &std::path::Path, name: &str, meta: &str, storage: &str) -> MountOptions {
-    let out = baton(home, &["format", name, "--meta", meta, "--storage", storage]).unwrap();
-    assert!(out.status.success(), "format failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = baton(
+        home,
+        &["format", name, "--meta", meta, "--storage", storage],
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "format failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     MountOptions {
         meta: Some(meta.to_string()),
-        args: ["--attr-cache", "0", "--entry-cache", "0"].iter().map(|s| s.to_string()).collect(),
+        args: ["--attr-cache", "0", "--entry-cache", "0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
     }
 }
 
@@ -36,10 +47,16 @@ fn two_mounts_of_one_redis_volume_see_each_other() {
     fs::create_dir(a.path("dir")).unwrap();
     fs::write(a.path("dir/file"), b"written on a").unwrap();
     assert_eq!(fs::read(b.path("dir/file")).unwrap(), b"written on a");
-    assert_eq!(fs::metadata(a.path("dir/file")).unwrap().ino(), fs::metadata(b.path("dir/file")).unwrap().ino());
+    assert_eq!(
+        fs::metadata(a.path("dir/file")).unwrap().ino(),
+        fs::metadata(b.path("dir/file")).unwrap().ino()
+    );
 
     // Overwrite on B, read on A.
-    let mut f = OpenOptions::new().write(true).open(b.path("dir/file")).unwrap();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(b.path("dir/file"))
+        .unwrap();
     f.write_all(b"WRITTEN").unwrap();
     drop(f);
     assert_eq!(fs::read(a.path("dir/file")).unwrap(), b"WRITTEN on a");
@@ -50,16 +67,27 @@ fn two_mounts_of_one_redis_volume_see_each_other() {
     assert_eq!(fs::read(b.path("dir/renamed")).unwrap(), b"WRITTEN on a");
     fs::remove_file(b.path("dir/renamed")).unwrap();
     assert!(!a.path("dir/renamed").exists());
-    let mut names: Vec<_> = fs::read_dir(a.path("dir")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut names: Vec<_> = fs::read_dir(a.path("dir"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     names.sort();
     assert!(names.is_empty());
 
     // A big file written on B reads back on A.
-    let data: Vec<u8> = (0..(24 << 20)).map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let data: Vec<u8> = (0..(24 << 20))
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
     fs::write(b.path("big"), &data).unwrap();
     let mut back = Vec::new();
-    File::open(a.path("big")).unwrap().read_to_end(&mut back).unwrap();
-    assert!(back == data, "24 MiB written on one mount reads back identically on the other");
+    File::open(a.path("big"))
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert!(
+        back == data,
+        "24 MiB written on one mount reads back identically on the other"
+    );
 
     a.umount().unwrap();
     b.umount().unwrap();
@@ -76,14 +104,37 @@ fn a_lock_on_one_mount_blocks_the_other() {
     let b = TestMount::at(&home.join("b"), &dir.path().join("b"), &opts).unwrap();
     fs::write(a.path("f"), b"x").unwrap();
 
-    let fa = OpenOptions::new().read(true).write(true).open(a.path("f")).unwrap();
-    let fb = OpenOptions::new().read(true).write(true).open(b.path("f")).unwrap();
-    let whole = |typ: i32| libc::flock { l_type: typ as i16, l_whence: 0, l_start: 0, l_len: 0, l_pid: 0 };
+    let fa = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.path("f"))
+        .unwrap();
+    let fb = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.path("f"))
+        .unwrap();
+    let whole = |typ: i32| libc::flock {
+        l_type: typ as i16,
+        l_whence: 0,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
     // SAFETY: valid fds and flock structs.
     unsafe {
-        assert_eq!(libc::fcntl(fa.as_raw_fd(), libc::F_SETLK, &whole(libc::F_WRLCK)), 0);
-        assert_eq!(libc::fcntl(fb.as_raw_fd(), libc::F_SETLK, &whole(libc::F_RDLCK)), -1);
-        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN));
+        assert_eq!(
+            libc::fcntl(fa.as_raw_fd(), libc::F_SETLK, &whole(libc::F_WRLCK)),
+            0
+        );
+        assert_eq!(
+            libc::fcntl(fb.as_raw_fd(), libc::F_SETLK, &whole(libc::F_RDLCK)),
+            -1
+        );
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EAGAIN)
+        );
         let mut probe = whole(libc::F_WRLCK);
         assert_eq!(libc::fcntl(fb.as_raw_fd(), libc::F_GETLK, &mut probe), 0);
         assert_eq!(probe.l_type, libc::F_WRLCK as i16);
@@ -92,8 +143,14 @@ fn a_lock_on_one_mount_blocks_the_other() {
     drop(fa);
     // SAFETY: valid fd and flock struct.
     unsafe {
-        assert_eq!(libc::fcntl(fb.as_raw_fd(), libc::F_SETLK, &whole(libc::F_RDLCK)), 0);
-        assert_eq!(libc::fcntl(fb.as_raw_fd(), libc::F_SETLK, &whole(libc::F_UNLCK)), 0);
+        assert_eq!(
+            libc::fcntl(fb.as_raw_fd(), libc::F_SETLK, &whole(libc::F_RDLCK)),
+            0
+        );
+        assert_eq!(
+            libc::fcntl(fb.as_raw_fd(), libc::F_SETLK, &whole(libc::F_UNLCK)),
+            0
+        );
     }
     drop(fb);
     // flock across mounts too.
@@ -102,8 +159,14 @@ fn a_lock_on_one_mount_blocks_the_other() {
     // SAFETY: valid fds.
     unsafe {
         assert_eq!(libc::flock(ga.as_raw_fd(), libc::LOCK_EX), 0);
-        assert_eq!(libc::flock(gb.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB), -1);
-        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EWOULDBLOCK));
+        assert_eq!(
+            libc::flock(gb.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB),
+            -1
+        );
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EWOULDBLOCK)
+        );
     }
     drop(ga);
     // The kernel releases a flock when it sends RELEASE, which is asynchronous: close(2)
@@ -111,7 +174,10 @@ fn a_lock_on_one_mount_blocks_the_other() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     // SAFETY: valid fd.
     while unsafe { libc::flock(gb.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        assert!(std::time::Instant::now() < deadline, "flock still held 5 s after the holder closed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flock still held 5 s after the holder closed"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     drop(gb);
@@ -135,6 +201,9 @@ fn s3_object_storage() {
     m.umount().unwrap();
     // A fresh cache directory proves the bytes come from S3.
     let m = TestMount::at(&home.join("fresh"), &dir.path().join("mnt"), &opts).unwrap();
-    assert!(fs::read(m.path("d/obj")).unwrap() == data, "bytes read back from S3 equal bytes written");
+    assert!(
+        fs::read(m.path("d/obj")).unwrap() == data,
+        "bytes read back from S3 equal bytes written"
+    );
     m.umount().unwrap();
 }

@@ -5,6 +5,12 @@
 use std::process::ExitCode;
 
 use fsclient::client::{BuildInfo, client_main};
+use fsclient::fuse::prefault::PrefaultingAlloc;
+
+/// Keeps fuser's request buffers resident: a kill -9 must not fail a request the kernel
+/// is copying into one (see `fsclient::fuse::prefault`).
+#[global_allocator]
+static ALLOC: PrefaultingAlloc = PrefaultingAlloc;
 
 fn main() -> ExitCode {
     client_main(BuildInfo::default())

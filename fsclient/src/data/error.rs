@@ -50,6 +50,12 @@ pub enum DataError {
         #[source]
         source: Box<DataError>,
     },
+    #[error("the write journal is full and flushing inode {ino} to make room failed")]
+    JournalFull {
+        ino: Ino,
+        #[source]
+        source: Box<DataError>,
+    },
     #[error("downloading block {key} failed")]
     Download {
         key: String,

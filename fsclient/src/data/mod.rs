@@ -8,6 +8,11 @@
 //! store named by the volume's storage URL (`store.rs`). Dead slices are deleted after a
 //! grace period (`gc.rs`).
 //!
+//! Acknowledged writes survive the process: with the mount's write journal attached
+//! ([`DataStore::attach_journal`], `journal.rs`), a write is appended to it before it
+//! returns and its record is marked committed once a flush committed its bytes; a client
+//! that takes the journal over replays what is left before it serves.
+//!
 //! [`DataStore`] is the facade the filesystem layer uses. Its methods block and are
 //! meant for FUSE worker threads; they drive async work on the runtime handle they are
 //! given. What this module must never do: be called from inside that runtime (the
@@ -17,11 +22,13 @@
 mod cache;
 mod error;
 mod gc;
+pub mod journal;
 pub mod layout;
 mod reader;
 mod store;
 mod writer;
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +41,7 @@ use crate::meta::{CHUNK_SIZE, Format, Ino, MetaEngine};
 
 pub use cache::CacheStats;
 pub use error::{DataError, OpenError};
+pub use journal::{Journal, JournalError, JournalUsage, Replayed};
 pub use reader::ReadState;
 pub use store::{CheckError, StoreOpenError, redact};
 
@@ -85,6 +93,8 @@ pub struct DataStats {
     /// Gauge: bytes written and not yet uploaded.
     pub buffered_bytes: u64,
     pub cache: CacheStats,
+    /// The write journal, once this process took it over.
+    pub journal: Option<JournalUsage>,
 }
 
 #[derive(Debug, Default)]
@@ -115,6 +125,18 @@ struct Ctx {
 pub struct DataStore {
     ctx: Arc<Ctx>,
     writer: Writer,
+    /// The volume's uuid: a journal holds the records of one volume.
+    volume: String,
+}
+
+/// The outcome of [`DataStore::attach_journal`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JournalStart {
+    /// No other live process owned the journal: this one took it over and replayed it.
+    TakenOver(Replayed),
+    /// A live process (the predecessor of a live upgrade) owns it: take it over with
+    /// [`DataStore::take_over_journal`] once that process has exited.
+    Deferred,
 }
 
 impl DataStore {
@@ -175,7 +197,124 @@ impl DataStore {
             stats: Stats::default(),
         });
         let writer = Writer::new(ctx.clone(), config.buffer_bytes, config.upload_concurrency);
-        Ok(Arc::new(DataStore { ctx, writer }))
+        Ok(Arc::new(DataStore {
+            ctx,
+            writer,
+            volume: format.uuid.clone(),
+        }))
+    }
+
+    /// Attaches the mount's write journal (the memfd the supervisor passes with `Start`)
+    /// and, if no other live process owns it, takes it over: replays the acknowledged,
+    /// uncommitted writes a dead predecessor left in it and flushes them. Call it before
+    /// serving anything. Until the journal is taken over, writes are not journaled.
+    pub fn attach_journal(&self, fd: OwnedFd) -> Result<JournalStart, JournalError> {
+        let journal = Arc::new(Journal::open(fd).map_err(JournalError::Open)?);
+        if !self.writer.set_journal(journal.clone()) {
+            return Err(JournalError::Attached);
+        }
+        if journal.try_lock().map_err(JournalError::Takeover)? {
+            self.replay_journal(&journal).map(JournalStart::TakenOver)
+        } else {
+            tracing::info!("the write journal is owned by a live process: taking it over later");
+            Ok(JournalStart::Deferred)
+        }
+    }
+
+    /// Takes over the attached journal once its owner has exited (waiting up to `wait`
+    /// for that), replays and flushes what it holds. `Ok(None)` when there is no journal
+    /// or this process owns it already.
+    pub fn take_over_journal(&self, wait: Duration) -> Result<Option<Replayed>, JournalError> {
+        let Some(journal) = self.writer.journal().cloned() else {
+            return Ok(None);
+        };
+        if journal.is_owned() {
+            return Ok(None);
+        }
+        journal.lock(wait).map_err(JournalError::Takeover)?;
+        self.replay_journal(&journal).map(Some)
+    }
+
+    /// Takes the locked journal over and replays its live records in sequence order
+    /// through the write path, then flushes every inode they touched.
+    fn replay_journal(&self, journal: &Journal) -> Result<Replayed, JournalError> {
+        let scan = journal
+            .take_over(&self.volume)
+            .map_err(JournalError::Takeover)?;
+        let mut out = Replayed {
+            torn: scan.torn,
+            corrupt: scan.corrupt,
+            initialized: scan.initialized,
+            ..Replayed::default()
+        };
+        let mut inodes: Vec<(Ino, usize)> = Vec::new();
+        for record in &scan.live {
+            if record.len == 0 {
+                journal.commit(&[record.id]);
+                continue;
+            }
+            let bytes = journal.read(record);
+            match self
+                .writer
+                .replay(record.ino, record.offset, &bytes, record.id)
+            {
+                Ok(()) => {}
+                Err(e) if writer::inode_gone(&e) => {
+                    // Only a flush made to make room can fail so; the inode is gone.
+                    self.discard(record.ino);
+                    journal.kill(&[record.id]);
+                }
+                Err(e) => {
+                    return Err(JournalError::Replay {
+                        ino: record.ino,
+                        source: Box::new(e),
+                    });
+                }
+            }
+            out.records += 1;
+            out.bytes += u64::from(record.len);
+            match inodes.iter_mut().find(|(i, _)| *i == record.ino) {
+                Some((_, n)) => *n += 1,
+                None => inodes.push((record.ino, 1)),
+            }
+        }
+        out.inodes = inodes.len();
+        for (ino, n) in inodes {
+            match self.writer.flush(ino) {
+                Ok(()) => {}
+                Err(e) if writer::inode_gone(&e) => {
+                    // Deleted before its writes were committed (the process died between
+                    // the unlink and dropping its buffers): its records are dead.
+                    self.discard(ino);
+                    out.deleted += n;
+                }
+                Err(e) => {
+                    let mut why = e.to_string();
+                    let mut cause = std::error::Error::source(&e);
+                    while let Some(c) = cause {
+                        why = format!("{why}: {c}");
+                        cause = c.source();
+                    }
+                    tracing::error!(%ino, error = %why, "cannot flush replayed writes; they stay journaled");
+                    out.unflushed.push((ino, why));
+                }
+            }
+        }
+        if out.records > 0 || out.torn > 0 || out.corrupt > 0 {
+            tracing::warn!(
+                records = out.records,
+                bytes = out.bytes,
+                inodes = out.inodes,
+                deleted = out.deleted,
+                torn = out.torn,
+                corrupt = out.corrupt,
+                unflushed = out.unflushed.len(),
+                "replayed acknowledged writes a previous client left in the write journal"
+            );
+        } else {
+            tracing::info!(initialized = ?out.initialized, capacity = journal.capacity(), "write journal taken over");
+        }
+        Ok(out)
     }
 
     /// Buffers a write of `data` at `offset`. Fails with the inode's pending upload error,
@@ -246,6 +385,11 @@ impl DataStore {
             prefetched_blocks: s.prefetched_blocks.load(Ordering::Relaxed),
             buffered_bytes: self.writer.buffered(),
             cache: self.ctx.cache.stats(),
+            journal: self
+                .writer
+                .journal()
+                .filter(|j| j.is_owned())
+                .map(|j| j.usage()),
         }
     }
 

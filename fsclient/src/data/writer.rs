@@ -10,25 +10,63 @@
 //! `write_slice`. A global bound on buffered bytes makes writers wait (and, when nothing
 //! is uploading that would free memory, flush) instead of growing without limit.
 //!
+//! With a write journal ([`super::journal`]) taken over, every write is also appended to
+//! it, under the inode's lock (so the records of an inode are in the order its bytes were
+//! applied), before the write returns. A flush takes the inode's records together with
+//! the slices it seals and marks them committed once every one of those slices is; a
+//! failed flush puts them back, a discarded inode's records are marked dead. A full
+//! journal makes the writer flush the inode whose record holds the journal's tail.
+//! Replayed records are adopted (their bytes applied, their record kept), not appended.
+//!
 //! What it must never do: drop written data silently. A failed upload keeps the block in
 //! memory; the error is reported on the next write or flush of that inode, and the next
 //! flush uploads the block again. A slice is committed only after all its blocks are
 //! stored, so metadata never points at an object that does not exist.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use tokio::sync::Semaphore;
 
-use crate::meta::{CHUNK_SIZE, Ino, MAX_FILE_SIZE, Slice, Timestamp};
+use crate::meta::{CHUNK_SIZE, Ino, MAX_FILE_SIZE, MetaError, Slice, Timestamp};
 
 use super::Ctx;
 use super::error::DataError;
+use super::journal::{AppendError, Journal, RecordId};
 use super::layout::block_key;
+
+/// How one write is journaled.
+#[derive(Clone, Copy, Debug)]
+enum Journaling<'a> {
+    /// No journal taken over by this process.
+    Off,
+    /// Append a new record.
+    Append(&'a Journal),
+    /// A replayed write: its record is already in the journal.
+    Adopt(RecordId),
+}
+
+/// How a flush that did not fail ended.
+enum Flushed {
+    Committed,
+    /// The inode was discarded meanwhile.
+    Retired,
+}
+
+/// Whether `e` says the inode no longer exists.
+pub(crate) fn inode_gone(e: &DataError) -> bool {
+    matches!(
+        e,
+        DataError::Meta {
+            source: MetaError::NotFound,
+            ..
+        }
+    )
+}
 
 /// One block of a slice being built.
 #[derive(Debug)]
@@ -138,6 +176,8 @@ struct FileState {
     last_error: Option<(String, Arc<opendal::Error>)>,
     /// Removed from the writer's table (discarded, or clean): writers must look again.
     retired: bool,
+    /// Journal records of the writes in `slices` that no flush has taken yet, in order.
+    records: Vec<RecordId>,
 }
 
 impl FileState {
@@ -191,6 +231,8 @@ impl Inner {
 pub(crate) struct Writer {
     ctx: Arc<Ctx>,
     inner: Arc<Inner>,
+    /// The mount's write journal, once attached; writes use it once it is owned.
+    journal: OnceLock<Arc<Journal>>,
 }
 
 impl Writer {
@@ -205,7 +247,17 @@ impl Writer {
                 uploads: Arc::new(Semaphore::new(upload_concurrency.max(1))),
                 in_flight: AtomicUsize::new(0),
             }),
+            journal: OnceLock::new(),
         }
+    }
+
+    /// Attaches the mount's write journal; `false` if one is attached already.
+    pub(crate) fn set_journal(&self, journal: Arc<Journal>) -> bool {
+        self.journal.set(journal).is_ok()
+    }
+
+    pub(crate) fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.get()
     }
 
     fn file(&self, ino: Ino) -> Arc<FileBuf> {
@@ -227,16 +279,106 @@ impl Writer {
         if end > MAX_FILE_SIZE {
             return Err(DataError::FileTooBig);
         }
+        match self.journal.get().filter(|j| j.is_owned()) {
+            Some(journal) => {
+                // A record holds at most `max_record_data` bytes: a longer write is
+                // journaled (and applied) in parts.
+                let max = journal.max_record_data() as usize;
+                let mut at = offset;
+                for part in data.chunks(max) {
+                    self.write_part(ino, at, part, Journaling::Append(journal))?;
+                    at += part.len() as u64;
+                }
+                Ok(())
+            }
+            None => self.write_part(ino, offset, data, Journaling::Off),
+        }
+    }
+
+    /// Applies a write replayed from the journal, adopting its record `id`.
+    pub(crate) fn replay(
+        &self,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        id: RecordId,
+    ) -> Result<(), DataError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.write_part(ino, offset, data, Journaling::Adopt(id))
+    }
+
+    fn write_part(
+        &self,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        journaling: Journaling<'_>,
+    ) -> Result<(), DataError> {
         let reserved = data.len() as u64;
         self.reserve(ino, reserved)?;
         loop {
             let file = self.file(ino);
-            let st = file.state.lock();
+            let mut st = file.state.lock();
             if st.retired {
                 // Flushed clean and removed meanwhile: take the new entry.
                 continue;
             }
-            return self.write_locked(ino, &file, st, offset, data, reserved);
+            if let Err(e) = st.take_error(ino) {
+                drop(st);
+                self.inner.release(reserved);
+                return Err(e);
+            }
+            // The record is reserved under the inode's lock, so that the journal holds an
+            // inode's writes in the order they are applied.
+            let record = match journaling {
+                Journaling::Off => None,
+                Journaling::Adopt(id) => Some((id, None)),
+                Journaling::Append(journal) => match journal.reserve(ino, offset, data.len()) {
+                    Ok(id) => Some((id, Some(journal))),
+                    Err(AppendError::NotOwner) => None,
+                    Err(AppendError::Full { oldest }) => {
+                        drop(st);
+                        if let Err(e) = self.make_room(ino, oldest) {
+                            self.inner.release(reserved);
+                            return Err(e);
+                        }
+                        continue;
+                    }
+                },
+            };
+            if let Some((id, fill)) = record {
+                if let Some(journal) = fill {
+                    journal.fill(id, ino, offset, data);
+                }
+                st.records.push(id);
+            }
+            self.write_locked(ino, &file, st, offset, data, reserved);
+            return Ok(());
+        }
+    }
+
+    /// The journal is full: commits the inode whose record holds its tail (`None`: that
+    /// record is still being copied by another writer, which is about to finish).
+    fn make_room(&self, ino: Ino, oldest: Option<Ino>) -> Result<(), DataError> {
+        let Some(victim) = oldest else {
+            std::thread::sleep(Duration::from_micros(100));
+            return Ok(());
+        };
+        tracing::debug!(%ino, %victim, "write journal full: flushing the oldest inode");
+        match self.flush(victim) {
+            Ok(()) => Ok(()),
+            // A deleted inode's records are dead.
+            Err(e) if inode_gone(&e) => {
+                self.discard(victim);
+                Ok(())
+            }
+            Err(e) if victim == ino => Err(e),
+            Err(e) => Err(DataError::JournalFull {
+                ino: victim,
+                source: Box::new(e),
+            }),
         }
     }
 
@@ -250,12 +392,7 @@ impl Writer {
         offset: u64,
         data: &[u8],
         reserved: u64,
-    ) -> Result<(), DataError> {
-        if let Err(e) = st.take_error(ino) {
-            drop(st);
-            self.inner.release(reserved);
-            return Err(e);
-        }
+    ) {
         let bs = self.ctx.block_size;
         let mut grown = 0;
         let mut full = Vec::new();
@@ -309,7 +446,6 @@ impl Writer {
         }
         drop(st);
         self.inner.release(reserved.saturating_sub(grown));
-        Ok(())
     }
 
     /// Waits until `n` more bytes fit in the buffer bound and reserves them.
@@ -452,11 +588,59 @@ impl Writer {
         let _commit = file.commit.lock();
         let mut st = file.state.lock();
         let count = st.slices.len();
+        // Exactly the records of the writes in the slices sealed below.
+        let records = std::mem::take(&mut st.records);
         if count == 0 {
             drop(st);
+            // (Never expected: records always come with pending slices.)
+            self.finish_records(&records, true);
             self.retire_if_clean(ino, &file);
             return Ok(());
         }
+        match self.flush_sealed(ino, &file, st, count) {
+            Ok(Flushed::Committed) => {
+                self.finish_records(&records, true);
+                self.retire_if_clean(ino, &file);
+                Ok(())
+            }
+            Ok(Flushed::Retired) => {
+                self.finish_records(&records, false);
+                Ok(())
+            }
+            Err(e) => {
+                let mut st = file.state.lock();
+                if st.retired {
+                    drop(st);
+                    self.finish_records(&records, false);
+                } else {
+                    // Kept for the next flush, before the records of later writes.
+                    st.records.splice(0..0, records);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Marks journal records committed (`true`) or dead.
+    fn finish_records(&self, records: &[RecordId], committed: bool) {
+        if let (Some(journal), false) = (self.journal.get(), records.is_empty()) {
+            if committed {
+                journal.commit(records);
+            } else {
+                journal.kill(records);
+            }
+        }
+    }
+
+    /// The body of [`Writer::flush`]: seals the first `count` slices, uploads and commits
+    /// them.
+    fn flush_sealed<'a>(
+        &self,
+        ino: Ino,
+        file: &'a Arc<FileBuf>,
+        mut st: MutexGuard<'a, FileState>,
+        count: usize,
+    ) -> Result<Flushed, DataError> {
         // Reported now or superseded by the retry below.
         st.error = None;
         let mut todo = Vec::new();
@@ -469,7 +653,7 @@ impl Writer {
             }
         }
         for (seq, index) in todo {
-            self.start_upload(ino, &file, &mut st, seq, index)?;
+            self.start_upload(ino, file, &mut st, seq, index)?;
         }
         let sealed_busy = |st: &FileState| {
             st.slices
@@ -481,7 +665,7 @@ impl Writer {
             file.changed.wait(&mut st);
         }
         if st.retired {
-            return Ok(());
+            return Ok(Flushed::Retired);
         }
         let stored = st
             .slices
@@ -522,14 +706,12 @@ impl Writer {
             st = file.state.lock();
             if st.retired {
                 // Discarded meanwhile: the inode is gone, whatever the commit did.
-                return Ok(());
+                return Ok(Flushed::Retired);
             }
             committed.map_err(DataError::meta("write_slice"))?;
             st.slices.pop_front();
         }
-        drop(st);
-        self.retire_if_clean(ino, &file);
-        Ok(())
+        Ok(Flushed::Committed)
     }
 
     /// Flushes every inode with pending writes; returns the first error after trying all.
@@ -585,7 +767,10 @@ impl Writer {
         }
         st.buffered = st.buffered.saturating_sub(freed);
         st.error = None;
+        let records = std::mem::take(&mut st.records);
         drop(st);
+        // Records a flush in progress took are marked dead by that flush.
+        self.finish_records(&records, false);
         file.changed.notify_all();
         self.inner.release(freed);
     }
@@ -600,6 +785,7 @@ impl Writer {
         let mut files = self.inner.files.lock();
         let mut st = file.state.lock();
         if st.slices.is_empty()
+            && st.records.is_empty()
             && st.error.is_none()
             && files.get(&ino).is_some_and(|f| Arc::ptr_eq(f, file))
         {

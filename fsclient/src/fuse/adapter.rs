@@ -17,15 +17,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::fuse::park::Gate;
 use crate::meta::{Attr, Caller, FileKind, Ino, SetAttr, TimeSet, Timestamp};
-use crate::vfs::{FsError, LockWait, Vfs};
+use crate::vfs::{FsError, LockWait, Unique, Vfs};
 
 /// Largest write the kernel sends in one request. Part of the INIT negotiation, which a
 /// successor must repeat identically: never change it for a running mount.
@@ -65,7 +65,12 @@ impl BatonFs {
     pub fn new(vfs: Arc<Vfs>, gate: Arc<Gate>) -> Self {
         let attr_ttl = vfs.config().attr_ttl;
         let entry_ttl = vfs.config().entry_ttl;
-        BatonFs { vfs, gate, attr_ttl, entry_ttl }
+        BatonFs {
+            vfs,
+            gate,
+            attr_ttl,
+            entry_ttl,
+        }
     }
 
     pub fn vfs(&self) -> &Arc<Vfs> {
@@ -82,14 +87,29 @@ impl BatonFs {
 
     fn entry(&self, reply: ReplyEntry, r: Result<(Ino, Attr), FsError>, op: &str) {
         match r {
-            Ok((ino, attr)) => reply.entry_with_ttls(&self.attr_ttl, &self.entry_ttl, &self.fuse_attr(ino, &attr), Generation(0)),
+            Ok((ino, attr)) => reply.entry_with_ttls(
+                &self.attr_ttl,
+                &self.entry_ttl,
+                &self.fuse_attr(ino, &attr),
+                Generation(0),
+            ),
             Err(e) => reply.error(errno(&e, op)),
         }
     }
 }
 
 fn caller(req: &Request) -> Caller {
-    Caller { uid: req.uid(), gid: req.gid(), pid: req.pid() }
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+/// The request's `unique` as the kernel sent it (with the resend bit): mutations use it to
+/// apply a request at most once.
+fn unique(req: &Request) -> Option<Unique> {
+    Some(Unique(req.unique().0))
 }
 
 fn kind(k: FileKind) -> FileType {
@@ -184,7 +204,11 @@ impl Filesystem for BatonFs {
             reply.error(Errno::ENOENT);
             return;
         }
-        self.entry(reply, self.vfs.lookup(Ino(parent.0), name.as_bytes()), "lookup");
+        self.entry(
+            reply,
+            self.vfs.lookup(Ino(parent.0), name.as_bytes()),
+            "lookup",
+        );
     }
 
     // FORGET has no reply, so it is never resent: one parked when the process exits for a
@@ -208,7 +232,7 @@ impl Filesystem for BatonFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -234,7 +258,7 @@ impl Filesystem for BatonFs {
             mtime: mtime.map(time_set),
             ctime: ctime.map(Timestamp::from_system_time),
         };
-        match self.vfs.setattr(Ino(ino.0), &set) {
+        match self.vfs.setattr(unique(req), Ino(ino.0), &set) {
             Ok(a) => reply.attr(&self.attr_ttl, &self.fuse_attr(Ino(ino.0), &a)),
             Err(e) => reply.error(errno(&e, "setattr")),
         }
@@ -248,37 +272,90 @@ impl Filesystem for BatonFs {
         }
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
         let _pass = self.gate.enter();
-        let r = self.vfs.mknod(caller(req), Ino(parent.0), name.as_bytes(), mode, umask, rdev);
+        let r = self.vfs.mknod(
+            unique(req),
+            caller(req),
+            Ino(parent.0),
+            name.as_bytes(),
+            mode,
+            umask,
+            rdev,
+        );
         self.entry(reply, r, "mknod");
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         let _pass = self.gate.enter();
-        let r = self.vfs.mkdir(caller(req), Ino(parent.0), name.as_bytes(), mode, umask);
+        let r = self.vfs.mkdir(
+            unique(req),
+            caller(req),
+            Ino(parent.0),
+            name.as_bytes(),
+            mode,
+            umask,
+        );
         self.entry(reply, r, "mkdir");
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _pass = self.gate.enter();
-        empty(reply, self.vfs.unlink(Ino(parent.0), name.as_bytes()), "unlink");
+        empty(
+            reply,
+            self.vfs.unlink(unique(req), Ino(parent.0), name.as_bytes()),
+            "unlink",
+        );
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _pass = self.gate.enter();
-        empty(reply, self.vfs.rmdir(Ino(parent.0), name.as_bytes()), "rmdir");
+        empty(
+            reply,
+            self.vfs.rmdir(unique(req), Ino(parent.0), name.as_bytes()),
+            "rmdir",
+        );
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         let _pass = self.gate.enter();
-        let r = self.vfs.symlink(caller(req), Ino(parent.0), link_name.as_bytes(), target.as_os_str().as_bytes());
+        let r = self.vfs.symlink(
+            unique(req),
+            caller(req),
+            Ino(parent.0),
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+        );
         self.entry(reply, r, "symlink");
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -287,13 +364,32 @@ impl Filesystem for BatonFs {
         reply: ReplyEmpty,
     ) {
         let _pass = self.gate.enter();
-        let r = self.vfs.rename(Ino(parent.0), name.as_bytes(), Ino(newparent.0), newname.as_bytes(), flags.bits());
+        let r = self.vfs.rename(
+            unique(req),
+            Ino(parent.0),
+            name.as_bytes(),
+            Ino(newparent.0),
+            newname.as_bytes(),
+            flags.bits(),
+        );
         empty(reply, r, "rename");
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let _pass = self.gate.enter();
-        let r = self.vfs.link(Ino(ino.0), Ino(newparent.0), newname.as_bytes());
+        let r = self.vfs.link(
+            unique(req),
+            Ino(ino.0),
+            Ino(newparent.0),
+            newname.as_bytes(),
+        );
         self.entry(reply, r, "link");
     }
 
@@ -342,9 +438,20 @@ impl Filesystem for BatonFs {
         }
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         let _pass = self.gate.enter();
-        empty(reply, self.vfs.flush(Ino(ino.0), fh.0, lock_owner.0), "flush");
+        empty(
+            reply,
+            self.vfs.flush(Ino(ino.0), fh.0, lock_owner.0),
+            "flush",
+        );
     }
 
     fn release(
@@ -358,10 +465,21 @@ impl Filesystem for BatonFs {
         reply: ReplyEmpty,
     ) {
         let _pass = self.gate.enter();
-        empty(reply, self.vfs.release(Ino(ino.0), fh.0, lock_owner.map(|o| o.0)), "release");
+        empty(
+            reply,
+            self.vfs.release(Ino(ino.0), fh.0, lock_owner.map(|o| o.0)),
+            "release",
+        );
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let _pass = self.gate.enter();
         empty(reply, self.vfs.fsync(Ino(ino.0), fh.0), "fsync");
     }
@@ -374,12 +492,27 @@ impl Filesystem for BatonFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let _pass = self.gate.enter();
-        match self.vfs.readdir(Ino(ino.0), fh.0, offset, READDIR_BATCH, false) {
+        match self
+            .vfs
+            .readdir(Ino(ino.0), fh.0, offset, READDIR_BATCH, false)
+        {
             Ok(entries) => {
                 for e in entries {
-                    if reply.add(INodeNo(e.ino.0), e.cookie, kind(e.kind), OsStr::from_bytes(&e.name)) {
+                    if reply.add(
+                        INodeNo(e.ino.0),
+                        e.cookie,
+                        kind(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
                         break;
                     }
                 }
@@ -389,15 +522,34 @@ impl Filesystem for BatonFs {
         }
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let _pass = self.gate.enter();
-        match self.vfs.readdir(Ino(ino.0), fh.0, offset, READDIR_BATCH, true) {
+        match self
+            .vfs
+            .readdir(Ino(ino.0), fh.0, offset, READDIR_BATCH, true)
+        {
             Ok(entries) => {
                 for e in entries {
-                    let Some(attr) = e.attr.as_ref() else { continue };
+                    let Some(attr) = e.attr.as_ref() else {
+                        continue;
+                    };
                     let fattr = self.fuse_attr(e.ino, attr);
                     let name = OsStr::from_bytes(&e.name);
-                    if reply.add(INodeNo(e.ino.0), e.cookie, name, &self.entry_ttl, &fattr, Generation(0)) {
+                    if reply.add(
+                        INodeNo(e.ino.0),
+                        e.cookie,
+                        name,
+                        &self.entry_ttl,
+                        &fattr,
+                        Generation(0),
+                    ) {
                         break;
                     }
                     // The kernel takes a lookup reference on every entry but "." and "..".
@@ -411,13 +563,27 @@ impl Filesystem for BatonFs {
         }
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         let _pass = self.gate.enter();
         self.vfs.releasedir(fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let _pass = self.gate.enter();
         // Every metadata change is committed durably before it is answered.
         reply.ok();
@@ -426,14 +592,16 @@ impl Filesystem for BatonFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let _pass = self.gate.enter();
         match self.vfs.statfs() {
-            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize),
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+            ),
             Err(e) => reply.error(errno(&e, "statfs")),
         }
     }
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -442,12 +610,22 @@ impl Filesystem for BatonFs {
         reply: ReplyEmpty,
     ) {
         let _pass = self.gate.enter();
-        empty(reply, self.vfs.setxattr(Ino(ino.0), name.as_bytes(), value, flags), "setxattr");
+        empty(
+            reply,
+            self.vfs
+                .setxattr(unique(req), Ino(ino.0), name.as_bytes(), value, flags),
+            "setxattr",
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _pass = self.gate.enter();
-        xattr_reply(reply, size, self.vfs.getxattr(Ino(ino.0), name.as_bytes()), "getxattr");
+        xattr_reply(
+            reply,
+            size,
+            self.vfs.getxattr(Ino(ino.0), name.as_bytes()),
+            "getxattr",
+        );
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -455,19 +633,45 @@ impl Filesystem for BatonFs {
         xattr_reply(reply, size, self.vfs.listxattr(Ino(ino.0)), "listxattr");
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _pass = self.gate.enter();
-        empty(reply, self.vfs.removexattr(Ino(ino.0), name.as_bytes()), "removexattr");
+        empty(
+            reply,
+            self.vfs
+                .removexattr(unique(req), Ino(ino.0), name.as_bytes()),
+            "removexattr",
+        );
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let _pass = self.gate.enter();
-        empty(reply, self.vfs.access(caller(req), Ino(ino.0), mask.bits() as u32), "access");
+        empty(
+            reply,
+            self.vfs.access(caller(req), Ino(ino.0), mask.bits() as u32),
+            "access",
+        );
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         let _pass = self.gate.enter();
-        match self.vfs.create(caller(req), Ino(parent.0), name.as_bytes(), mode, umask, flags) {
+        match self.vfs.create(
+            unique(req),
+            caller(req),
+            Ino(parent.0),
+            name.as_bytes(),
+            mode,
+            umask,
+            flags,
+        ) {
             Ok((ino, attr, fh)) => reply.created(
                 &self.entry_ttl,
                 &self.fuse_attr(ino, &attr),
@@ -492,7 +696,10 @@ impl Filesystem for BatonFs {
         reply: ReplyLock,
     ) {
         let _pass = self.gate.enter();
-        match self.vfs.getlk(Ino(ino.0), lock_owner.0, typ, start, end, pid) {
+        match self
+            .vfs
+            .getlk(Ino(ino.0), lock_owner.0, typ, start, end, pid)
+        {
             Ok(Some(l)) => {
                 let t = match l.typ {
                     crate::meta::LockType::Read => libc::F_RDLCK,
@@ -521,15 +728,42 @@ impl Filesystem for BatonFs {
         let pass = self.gate.enter();
         // A blocking wait gives way to a resend freeze between attempts (park.rs).
         let wait: Option<&dyn LockWait> = if sleep { Some(&pass) } else { None };
-        empty(reply, self.vfs.setlk(Ino(ino.0), lock_owner.0, typ, start, end, pid, wait), "setlk");
+        empty(
+            reply,
+            self.vfs
+                .setlk(Ino(ino.0), lock_owner.0, typ, start, end, pid, wait),
+            "setlk",
+        );
     }
 
-    fn fallocate(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let _pass = self.gate.enter();
-        empty(reply, self.vfs.fallocate(Ino(ino.0), fh.0, offset, length, mode), "fallocate");
+        empty(
+            reply,
+            self.vfs
+                .fallocate(unique(req), Ino(ino.0), fh.0, offset, length, mode),
+            "fallocate",
+        );
     }
 
-    fn lseek(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         let _pass = self.gate.enter();
         match self.vfs.lseek(Ino(ino.0), fh.0, offset, whence) {
             Ok(o) => reply.offset(o),

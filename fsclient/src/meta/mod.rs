@@ -15,6 +15,7 @@
 //! Inode numbers come from the engine and never change: they are the FUSE node ids.
 
 mod error;
+mod once;
 mod ops;
 pub mod types;
 
@@ -25,6 +26,7 @@ pub mod redis;
 use std::sync::Arc;
 
 pub use error::MetaError;
+pub use once::{RESEND_BIT, RequestId};
 pub use ops::Meta;
 pub use types::*;
 
@@ -40,7 +42,11 @@ pub struct Caller {
 }
 
 impl Caller {
-    pub const ROOT: Caller = Caller { uid: 0, gid: 0, pid: 0 };
+    pub const ROOT: Caller = Caller {
+        uid: 0,
+        gid: 0,
+        pid: 0,
+    };
 }
 
 /// A new inode to create under a directory.
@@ -138,6 +144,11 @@ pub struct DeadSlice {
 ///
 /// Names are bytes (`&[u8]`), as on Linux. Errors that are POSIX outcomes (ENOENT,
 /// EEXIST...) are [`MetaError`] variants that map to one errno each.
+///
+/// The namespace and attribute mutations take the kernel request they serve, if any
+/// (`req`): they are then applied at most once per request, also when the kernel delivers
+/// the request again after the client process died (see `once.rs`). `None` (tools, tests,
+/// internal work) applies unconditionally.
 pub trait MetaEngine: Send + Sync + std::fmt::Debug {
     /// "redb" or "redis".
     fn backend_name(&self) -> &'static str;
@@ -160,35 +171,58 @@ pub trait MetaEngine: Send + Sync + std::fmt::Debug {
     /// Record that the session is alive now; fails with NotFound if another client
     /// cleaned it up as stale.
     fn heartbeat(&self, sid: SessionId, now: Timestamp) -> Result<()>;
-    /// Ends a session: frees its open-but-unlinked inodes and releases its locks.
+    /// Ends a session: frees its open-but-unlinked inodes, releases its locks and drops
+    /// its request records.
     fn close_session(&self, sid: SessionId) -> Result<()>;
     fn list_sessions(&self) -> Result<Vec<(SessionId, SessionInfo)>>;
     /// Closes every session whose last heartbeat is older than `deadline`; returns them.
     fn clean_stale_sessions(&self, deadline: Timestamp) -> Result<Vec<SessionId>>;
+    /// What session `sid` holds: its open-but-unlinked inodes, and the (inode, lock
+    /// owner) pairs of its locks. A client that takes the session over after a crash
+    /// (without its predecessor's tables) learns them here.
+    fn session_holdings(&self, sid: SessionId) -> Result<SessionHoldings>;
+    /// Drops the session's records of requests with a `unique` below `below`: they can no
+    /// longer be delivered again (exactly-once, see `once.rs`).
+    fn forget_requests(&self, sid: SessionId, below: u64) -> Result<()>;
 
     // --- namespace ---
     fn lookup(&self, parent: Ino, name: &[u8]) -> Result<(Ino, Attr)>;
     fn getattr(&self, ino: Ino) -> Result<Attr>;
     /// Applies `set`. A size change truncates or extends the layout in the same
     /// transaction.
-    fn setattr(&self, ino: Ino, set: &SetAttr, now: Timestamp) -> Result<Attr>;
+    fn setattr(
+        &self,
+        req: Option<RequestId>,
+        ino: Ino,
+        set: &SetAttr,
+        now: Timestamp,
+    ) -> Result<Attr>;
     /// Creates a file, directory, symlink or special file.
-    fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode, caller: Caller) -> Result<(Ino, Attr)>;
+    fn mknod(
+        &self,
+        req: Option<RequestId>,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+        caller: Caller,
+    ) -> Result<(Ino, Attr)>;
     /// Removes a non-directory name. `is_open(ino)` tells whether this session has the
     /// inode open: then an inode losing its last link is kept until
     /// [`MetaEngine::release_unlinked`].
     fn unlink(
         &self,
+        req: Option<RequestId>,
         sid: SessionId,
         parent: Ino,
         name: &[u8],
         is_open: &dyn Fn(Ino) -> bool,
     ) -> Result<Removed>;
-    fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<Removed>;
+    fn rmdir(&self, req: Option<RequestId>, parent: Ino, name: &[u8]) -> Result<Removed>;
     /// Renames; returns what happened to a replaced target, if any.
     #[allow(clippy::too_many_arguments)]
     fn rename(
         &self,
+        req: Option<RequestId>,
         sid: SessionId,
         parent: Ino,
         name: &[u8],
@@ -198,7 +232,13 @@ pub trait MetaEngine: Send + Sync + std::fmt::Debug {
         is_open: &dyn Fn(Ino) -> bool,
     ) -> Result<Option<Removed>>;
     /// Adds a hard link; returns the inode's new attributes.
-    fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr>;
+    fn link(
+        &self,
+        req: Option<RequestId>,
+        ino: Ino,
+        new_parent: Ino,
+        new_name: &[u8],
+    ) -> Result<Attr>;
     fn readlink(&self, ino: Ino) -> Result<Vec<u8>>;
     /// Up to `limit` entries of a directory after `cookie` (0 = from the start), in cookie
     /// order, without "." and "..". With `plus`, each entry carries its attributes.
@@ -208,9 +248,16 @@ pub trait MetaEngine: Send + Sync + std::fmt::Debug {
 
     // --- extended attributes ---
     fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>>;
-    fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()>;
+    fn setxattr(
+        &self,
+        req: Option<RequestId>,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+    ) -> Result<()>;
     fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>>;
-    fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()>;
+    fn removexattr(&self, req: Option<RequestId>, ino: Ino, name: &[u8]) -> Result<()>;
 
     // --- file layout ---
     /// The slices of chunk `index` of a file, oldest first (later ones win).
@@ -220,7 +267,15 @@ pub trait MetaEngine: Send + Sync + std::fmt::Debug {
     /// Appends a written slice to chunk `index` and extends the file size to cover it;
     /// sets mtime and ctime to `mtime`. Returns the new attributes.
     fn write_slice(&self, ino: Ino, index: u32, slice: Slice, mtime: Timestamp) -> Result<Attr>;
-    fn fallocate(&self, ino: Ino, mode: Fallocate, offset: u64, len: u64, now: Timestamp) -> Result<Attr>;
+    fn fallocate(
+        &self,
+        req: Option<RequestId>,
+        ino: Ino,
+        mode: Fallocate,
+        offset: u64,
+        len: u64,
+        now: Timestamp,
+    ) -> Result<Attr>;
 
     // --- locks (POSIX byte ranges; flock is a whole-file lock of the open file) ---
     /// The first lock that conflicts with `req`, if any.
@@ -276,7 +331,12 @@ pub trait Tx {
     /// Removes the entry (both indexes); `cookie` is the stored entry's cookie.
     fn del_dentry(&mut self, parent: Ino, name: &[u8], cookie: u64) -> Result<()>;
     /// Entries with a cookie greater than `after`, in cookie order, at most `limit`.
-    fn dir_entries(&mut self, parent: Ino, after: u64, limit: usize) -> Result<Vec<(Vec<u8>, Dentry)>>;
+    fn dir_entries(
+        &mut self,
+        parent: Ino,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Dentry)>>;
     fn dir_is_empty(&mut self, parent: Ino) -> Result<bool>;
 
     fn symlink(&mut self, ino: Ino) -> Result<Option<Vec<u8>>>;
@@ -330,6 +390,13 @@ pub trait Tx {
     /// Dead slices in order of `since`, before `before`, at most `limit`.
     fn dead_slices(&mut self, before: Timestamp, limit: usize) -> Result<Vec<DeadSlice>>;
     fn del_dead_slice(&mut self, id: u64) -> Result<()>;
+
+    /// The outcome recorded for request `unique` of session `sid` (a point read).
+    fn request(&mut self, sid: SessionId, unique: u64) -> Result<Option<Vec<u8>>>;
+    fn set_request(&mut self, sid: SessionId, unique: u64, outcome: &[u8]) -> Result<()>;
+    /// Deletes the session's request records with a unique below `below` (`u64::MAX`:
+    /// all of them).
+    fn del_requests(&mut self, sid: SessionId, below: u64) -> Result<()>;
 }
 
 /// A transactional store the metadata logic runs on.
@@ -355,10 +422,13 @@ pub fn open(url: &str) -> Result<Arc<dyn MetaEngine>, MetaError> {
             if path.is_empty() || path == "/" {
                 return Err(MetaError::BadUrl {
                     url: url.to_string(),
-                    reason: "redb URL needs a file path, e.g. redb:///var/lib/baton/meta.redb".into(),
+                    reason: "redb URL needs a file path, e.g. redb:///var/lib/baton/meta.redb"
+                        .into(),
                 });
             }
-            Ok(Arc::new(Meta::new(redb::RedbBackend::open(std::path::Path::new(path))?)))
+            Ok(Arc::new(Meta::new(redb::RedbBackend::open(
+                std::path::Path::new(path),
+            )?)))
         }
         "redis" | "rediss" => Ok(Arc::new(Meta::new(redis::RedisBackend::open(url)?))),
         other => Err(MetaError::BadUrl {

@@ -5,6 +5,7 @@
 
 use parking_lot::Mutex;
 
+use super::once::{self, Recorded};
 use super::*;
 
 /// How many inode numbers a client reserves at a time (fewer round trips on Redis).
@@ -28,6 +29,15 @@ struct IdPool {
 }
 
 impl<B: Backend> Meta<B> {
+    /// Runs mutation `f` in one write transaction, at most once for `req` (see `once.rs`).
+    fn write_once<T: Recorded>(
+        &self,
+        req: Option<RequestId>,
+        f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>,
+    ) -> Result<T> {
+        self.backend.write(&mut |tx| once::apply(tx, req, f))
+    }
+
     pub fn new(backend: B) -> Self {
         Meta {
             backend,
@@ -62,7 +72,8 @@ impl<B: Backend> Meta<B> {
 }
 
 fn check_name(name: &[u8]) -> Result<()> {
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
         return Err(MetaError::Invalid);
     }
     if name.len() > NAME_MAX {
@@ -127,7 +138,11 @@ fn drop_chunk(tx: &mut dyn Tx, ino: Ino, idx: u32, now: Timestamp) -> Result<()>
     let mut seen = std::collections::HashSet::new();
     for s in slices.iter().filter(|s| s.id != 0) {
         if seen.insert(s.id) {
-            tx.add_dead_slice(&DeadSlice { id: s.id, size: s.size, since: now })?;
+            tx.add_dead_slice(&DeadSlice {
+                id: s.id,
+                size: s.size,
+                since: now,
+            })?;
         }
     }
     tx.set_chunk(ino, idx, &[])
@@ -143,7 +158,17 @@ fn zero_range(tx: &mut dyn Tx, ino: Ino, from: u64, to: u64) -> Result<()> {
         let in_chunk = (pos % CHUNK_SIZE) as u32;
         let len = (end - pos) as u32;
         if !tx.chunk(ino, idx)?.is_empty() {
-            tx.append_slice(ino, idx, &Slice { pos: in_chunk, id: 0, size: 0, off: 0, len })?;
+            tx.append_slice(
+                ino,
+                idx,
+                &Slice {
+                    pos: in_chunk,
+                    id: 0,
+                    size: 0,
+                    off: 0,
+                    len,
+                },
+            )?;
         }
         pos = end;
     }
@@ -187,7 +212,9 @@ fn is_ancestor(tx: &mut dyn Tx, ancestor: Ino, mut ino: Ino) -> Result<bool> {
         }
         ino = a.parent;
     }
-    Err(MetaError::Corrupt(Corrupt { what: "directory parent chain" }))
+    Err(MetaError::Corrupt(Corrupt {
+        what: "directory parent chain",
+    }))
 }
 
 /// Takes one link from the inode a name pointed to (the name is already removed).
@@ -251,18 +278,31 @@ fn merge_lock(locks: &mut Vec<RangeLock>, req: &LockRequest) {
             continue;
         }
         if l.start < req.start {
-            out.push(RangeLock { end: req.start - 1, ..l });
+            out.push(RangeLock {
+                end: req.start - 1,
+                ..l
+            });
         }
         if l.end > req.end {
-            out.push(RangeLock { start: req.end + 1, ..l });
+            out.push(RangeLock {
+                start: req.end + 1,
+                ..l
+            });
         }
     }
     if let Some(typ) = req.typ {
-        let mut new = RangeLock { owner: req.owner, typ, start: req.start, end: req.end, pid: req.pid };
+        let mut new = RangeLock {
+            owner: req.owner,
+            typ,
+            start: req.start,
+            end: req.end,
+            pid: req.pid,
+        };
         // Coalesce with touching ranges of the same type.
         out.retain(|l| {
             let touches = l.typ == typ
-                && (l.end.checked_add(1) == Some(new.start) || new.end.checked_add(1) == Some(l.start));
+                && (l.end.checked_add(1) == Some(new.start)
+                    || new.end.checked_add(1) == Some(l.start));
             if touches {
                 new.start = new.start.min(l.start);
                 new.end = new.end.max(l.end);
@@ -302,6 +342,7 @@ fn release_session(tx: &mut dyn Tx, sid: SessionId, now: Timestamp) -> Result<()
         tx.set_locks(ino, &locks)?;
         tx.del_session_locked(sid, ino)?;
     }
+    tx.del_requests(sid, u64::MAX)?;
     tx.del_session(sid)
 }
 
@@ -337,7 +378,8 @@ impl<B: Backend> MetaEngine for Meta<B> {
     }
 
     fn load_format(&self) -> Result<Format> {
-        self.backend.read(&mut |tx| tx.format()?.ok_or(MetaError::NotFormatted))
+        self.backend
+            .read(&mut |tx| tx.format()?.ok_or(MetaError::NotFormatted))
     }
 
     fn usage(&self) -> Result<Usage> {
@@ -376,6 +418,25 @@ impl<B: Backend> MetaEngine for Meta<B> {
         self.backend.read(&mut |tx| tx.sessions())
     }
 
+    fn session_holdings(&self, sid: SessionId) -> Result<SessionHoldings> {
+        self.backend.read(&mut |tx| {
+            let mut lockers = Vec::new();
+            for ino in tx.session_locked(sid)? {
+                for l in tx.locks(ino)? {
+                    if l.owner.sid == sid {
+                        lockers.push((ino, l.owner.owner));
+                    }
+                }
+            }
+            lockers.sort_unstable();
+            lockers.dedup();
+            Ok(SessionHoldings {
+                unlinked: tx.sustained(sid)?,
+                lockers,
+            })
+        })
+    }
+
     fn clean_stale_sessions(&self, deadline: Timestamp) -> Result<Vec<SessionId>> {
         let stale: Vec<SessionId> = self
             .list_sessions()?
@@ -401,6 +462,10 @@ impl<B: Backend> MetaEngine for Meta<B> {
         Ok(cleaned)
     }
 
+    fn forget_requests(&self, sid: SessionId, below: u64) -> Result<()> {
+        self.backend.write(&mut |tx| tx.del_requests(sid, below))
+    }
+
     fn lookup(&self, parent: Ino, name: &[u8]) -> Result<(Ino, Attr)> {
         if name.len() > NAME_MAX {
             return Err(MetaError::NameTooLong);
@@ -422,8 +487,14 @@ impl<B: Backend> MetaEngine for Meta<B> {
         self.backend.read(&mut |tx| get_attr(tx, ino))
     }
 
-    fn setattr(&self, ino: Ino, set: &SetAttr, now: Timestamp) -> Result<Attr> {
-        self.backend.write(&mut |tx| {
+    fn setattr(
+        &self,
+        req: Option<RequestId>,
+        ino: Ino,
+        set: &SetAttr,
+        now: Timestamp,
+    ) -> Result<Attr> {
+        let entry = self.write_once(req, &mut |tx| {
             let mut a = get_attr(tx, ino)?;
             let mut changed = false;
             if let Some(size) = set.size {
@@ -442,7 +513,8 @@ impl<B: Backend> MetaEngine for Meta<B> {
                 a.perm = (mode & 0o7777) as u16;
                 changed = true;
             }
-            let owner_changed = set.uid.is_some_and(|u| u != a.uid) || set.gid.is_some_and(|g| g != a.gid);
+            let owner_changed =
+                set.uid.is_some_and(|u| u != a.uid) || set.gid.is_some_and(|g| g != a.gid);
             if let Some(uid) = set.uid {
                 a.uid = uid;
                 changed = true;
@@ -472,18 +544,32 @@ impl<B: Backend> MetaEngine for Meta<B> {
                 a.ctime = c;
             }
             tx.set_attr(ino, &a)?;
-            Ok(a)
-        })
+            Ok((ino, a))
+        })?;
+        Ok(entry.1)
     }
 
-    fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode, caller: Caller) -> Result<(Ino, Attr)> {
+    fn mknod(
+        &self,
+        req: Option<RequestId>,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+        caller: Caller,
+    ) -> Result<(Ino, Attr)> {
         check_name(name)?;
-        if node.kind == FileKind::Symlink && (node.target.is_empty() || node.target.len() > SYMLINK_MAX) {
-            return Err(if node.target.is_empty() { MetaError::NotFound } else { MetaError::NameTooLong });
+        if node.kind == FileKind::Symlink
+            && (node.target.is_empty() || node.target.len() > SYMLINK_MAX)
+        {
+            return Err(if node.target.is_empty() {
+                MetaError::NotFound
+            } else {
+                MetaError::NameTooLong
+            });
         }
         let ino = self.next_inode()?;
         let now = Timestamp::now();
-        self.backend.write(&mut |tx| {
+        self.write_once(req, &mut |tx| {
             let mut dir = get_dir(tx, parent)?;
             if tx.dentry(parent, name)?.is_some() {
                 return Err(MetaError::Exists);
@@ -519,7 +605,15 @@ impl<B: Backend> MetaEngine for Meta<B> {
             dir.ctime = now;
             tx.set_attr(ino, &attr)?;
             tx.set_attr(parent, &dir)?;
-            tx.set_dentry(parent, name, &Dentry { ino, kind: node.kind, cookie })?;
+            tx.set_dentry(
+                parent,
+                name,
+                &Dentry {
+                    ino,
+                    kind: node.kind,
+                    cookie,
+                },
+            )?;
             tx.add_usage(space_of(&attr), 1)?;
             Ok((ino, attr))
         })
@@ -527,6 +621,7 @@ impl<B: Backend> MetaEngine for Meta<B> {
 
     fn unlink(
         &self,
+        req: Option<RequestId>,
         sid: SessionId,
         parent: Ino,
         name: &[u8],
@@ -534,7 +629,7 @@ impl<B: Backend> MetaEngine for Meta<B> {
     ) -> Result<Removed> {
         check_name(name)?;
         let now = Timestamp::now();
-        self.backend.write(&mut |tx| {
+        self.write_once(req, &mut |tx| {
             let mut dir = get_dir(tx, parent)?;
             let d = tx.dentry(parent, name)?.ok_or(MetaError::NotFound)?;
             if d.kind == FileKind::Dir {
@@ -548,7 +643,7 @@ impl<B: Backend> MetaEngine for Meta<B> {
         })
     }
 
-    fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<Removed> {
+    fn rmdir(&self, req: Option<RequestId>, parent: Ino, name: &[u8]) -> Result<Removed> {
         if name == b"." {
             return Err(MetaError::Invalid);
         }
@@ -557,7 +652,7 @@ impl<B: Backend> MetaEngine for Meta<B> {
         }
         check_name(name)?;
         let now = Timestamp::now();
-        self.backend.write(&mut |tx| {
+        self.write_once(req, &mut |tx| {
             let mut dir = get_dir(tx, parent)?;
             let d = tx.dentry(parent, name)?.ok_or(MetaError::NotFound)?;
             if d.kind != FileKind::Dir {
@@ -573,13 +668,17 @@ impl<B: Backend> MetaEngine for Meta<B> {
             tx.set_attr(parent, &dir)?;
             let attr = get_attr(tx, d.ino)?;
             free_inode(tx, d.ino, &attr, now)?;
-            Ok(Removed { ino: d.ino, kept: false })
+            Ok(Removed {
+                ino: d.ino,
+                kept: false,
+            })
         })
     }
 
     #[allow(clippy::too_many_arguments)]
     fn rename(
         &self,
+        req: Option<RequestId>,
         sid: SessionId,
         parent: Ino,
         name: &[u8],
@@ -594,25 +693,44 @@ impl<B: Backend> MetaEngine for Meta<B> {
             return Err(MetaError::Invalid);
         }
         let now = Timestamp::now();
-        self.backend.write(&mut |tx| {
+        self.write_once(req, &mut |tx| {
             let src_dir = get_dir(tx, parent)?;
-            let dst_dir = if new_parent == parent { src_dir.clone() } else { get_dir(tx, new_parent)? };
+            let dst_dir = if new_parent == parent {
+                src_dir.clone()
+            } else {
+                get_dir(tx, new_parent)?
+            };
             let src = tx.dentry(parent, name)?.ok_or(MetaError::NotFound)?;
             let dst = tx.dentry(new_parent, new_name)?;
             if parent == new_parent && name == new_name {
-                return if flags.exchange && dst.is_none() { Err(MetaError::NotFound) } else { Ok(None) };
+                return if flags.exchange && dst.is_none() {
+                    Err(MetaError::NotFound)
+                } else {
+                    Ok(None)
+                };
             }
             // A directory cannot move below itself.
-            if src.kind == FileKind::Dir && new_parent != parent && is_ancestor(tx, src.ino, new_parent)? {
+            if src.kind == FileKind::Dir
+                && new_parent != parent
+                && is_ancestor(tx, src.ino, new_parent)?
+            {
                 return Err(MetaError::Invalid);
             }
             if flags.exchange {
                 let dst = dst.ok_or(MetaError::NotFound)?;
-                if dst.kind == FileKind::Dir && new_parent != parent && is_ancestor(tx, dst.ino, parent)? {
+                if dst.kind == FileKind::Dir
+                    && new_parent != parent
+                    && is_ancestor(tx, dst.ino, parent)?
+                {
                     return Err(MetaError::Invalid);
                 }
-                return exchange(tx, (parent, name, src, src_dir), (new_parent, new_name, dst, dst_dir), now)
-                    .map(|()| None);
+                return exchange(
+                    tx,
+                    (parent, name, src, src_dir),
+                    (new_parent, new_name, dst, dst_dir),
+                    now,
+                )
+                .map(|()| None);
             }
             let mut replaced = None;
             if let Some(dst) = dst {
@@ -647,13 +765,24 @@ impl<B: Backend> MetaEngine for Meta<B> {
             }
             let same_dir = parent == new_parent;
             let cookie = take_cookie(if same_dir { &mut src_dir } else { &mut dst_dir });
-            tx.set_dentry(new_parent, new_name, &Dentry { ino: src.ino, kind: src.kind, cookie })?;
+            tx.set_dentry(
+                new_parent,
+                new_name,
+                &Dentry {
+                    ino: src.ino,
+                    kind: src.kind,
+                    cookie,
+                },
+            )?;
             let mut moved = get_attr(tx, src.ino)?;
             moved.ctime = now;
             if src.kind == FileKind::Dir && !same_dir {
                 moved.parent = new_parent;
                 src_dir.nlink = src_dir.nlink.saturating_sub(1);
-                dst_dir.nlink = dst_dir.nlink.checked_add(1).ok_or(MetaError::TooManyLinks)?;
+                dst_dir.nlink = dst_dir
+                    .nlink
+                    .checked_add(1)
+                    .ok_or(MetaError::TooManyLinks)?;
             }
             tx.set_attr(src.ino, &moved)?;
             src_dir.mtime = now;
@@ -676,7 +805,10 @@ impl<B: Backend> MetaEngine for Meta<B> {
                 Some(old) if old.kind == FileKind::Dir => {
                     let attr = get_attr(tx, old.ino)?;
                     free_inode(tx, old.ino, &attr, now)?;
-                    Ok(Some(Removed { ino: old.ino, kept: false }))
+                    Ok(Some(Removed {
+                        ino: old.ino,
+                        kept: false,
+                    }))
                 }
                 Some(old) => drop_link(tx, sid, old.ino, is_open, now).map(Some),
                 None => Ok(None),
@@ -684,10 +816,16 @@ impl<B: Backend> MetaEngine for Meta<B> {
         })
     }
 
-    fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr> {
+    fn link(
+        &self,
+        req: Option<RequestId>,
+        ino: Ino,
+        new_parent: Ino,
+        new_name: &[u8],
+    ) -> Result<Attr> {
         check_name(new_name)?;
         let now = Timestamp::now();
-        self.backend.write(&mut |tx| {
+        let entry = self.write_once(req, &mut |tx| {
             let mut dir = get_dir(tx, new_parent)?;
             let mut attr = get_attr(tx, ino)?;
             if attr.kind == FileKind::Dir {
@@ -706,11 +844,20 @@ impl<B: Backend> MetaEngine for Meta<B> {
             let cookie = take_cookie(&mut dir);
             dir.mtime = now;
             dir.ctime = now;
-            tx.set_dentry(new_parent, new_name, &Dentry { ino, kind: attr.kind, cookie })?;
+            tx.set_dentry(
+                new_parent,
+                new_name,
+                &Dentry {
+                    ino,
+                    kind: attr.kind,
+                    cookie,
+                },
+            )?;
             tx.set_attr(new_parent, &dir)?;
             tx.set_attr(ino, &attr)?;
-            Ok(attr)
-        })
+            Ok((ino, attr))
+        })?;
+        Ok(entry.1)
     }
 
     fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
@@ -719,7 +866,8 @@ impl<B: Backend> MetaEngine for Meta<B> {
             if a.kind != FileKind::Symlink {
                 return Err(MetaError::Invalid);
             }
-            tx.symlink(ino)?.ok_or(MetaError::Corrupt(Corrupt { what: "symlink" }))
+            tx.symlink(ino)?
+                .ok_or(MetaError::Corrupt(Corrupt { what: "symlink" }))
         })
     }
 
@@ -738,7 +886,13 @@ impl<B: Backend> MetaEngine for Meta<B> {
                 } else {
                     None
                 };
-                out.push(DirEntry { name, ino: d.ino, kind: d.kind, cookie: d.cookie, attr });
+                out.push(DirEntry {
+                    name,
+                    ino: d.ino,
+                    kind: d.kind,
+                    cookie: d.cookie,
+                    attr,
+                });
             }
             Ok(out)
         })
@@ -763,7 +917,14 @@ impl<B: Backend> MetaEngine for Meta<B> {
         })
     }
 
-    fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
+    fn setxattr(
+        &self,
+        req: Option<RequestId>,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+    ) -> Result<()> {
         if name.is_empty() {
             return Err(MetaError::Invalid);
         }
@@ -774,7 +935,7 @@ impl<B: Backend> MetaEngine for Meta<B> {
             return Err(MetaError::NoSpace);
         }
         let now = Timestamp::now();
-        self.backend.write(&mut |tx| {
+        self.write_once(req, &mut |tx| {
             let mut attr = get_attr(tx, ino)?;
             let exists = tx.xattr(ino, name)?.is_some();
             match mode {
@@ -795,9 +956,9 @@ impl<B: Backend> MetaEngine for Meta<B> {
         })
     }
 
-    fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+    fn removexattr(&self, req: Option<RequestId>, ino: Ino, name: &[u8]) -> Result<()> {
         let now = Timestamp::now();
-        self.backend.write(&mut |tx| {
+        self.write_once(req, &mut |tx| {
             let mut attr = get_attr(tx, ino)?;
             if tx.xattr(ino, name)?.is_none() {
                 return Err(MetaError::NoXattr);
@@ -846,7 +1007,15 @@ impl<B: Backend> MetaEngine for Meta<B> {
         })
     }
 
-    fn fallocate(&self, ino: Ino, mode: Fallocate, offset: u64, len: u64, now: Timestamp) -> Result<Attr> {
+    fn fallocate(
+        &self,
+        req: Option<RequestId>,
+        ino: Ino,
+        mode: Fallocate,
+        offset: u64,
+        len: u64,
+        now: Timestamp,
+    ) -> Result<Attr> {
         let end = offset.checked_add(len).ok_or(MetaError::FileTooBig)?;
         if len == 0 {
             return Err(MetaError::Invalid);
@@ -854,7 +1023,7 @@ impl<B: Backend> MetaEngine for Meta<B> {
         if end > MAX_FILE_SIZE {
             return Err(MetaError::FileTooBig);
         }
-        self.backend.write(&mut |tx| {
+        let entry = self.write_once(req, &mut |tx| {
             let mut attr = get_attr(tx, ino)?;
             match attr.kind {
                 FileKind::File => {}
@@ -872,7 +1041,9 @@ impl<B: Backend> MetaEngine for Meta<B> {
             if !keep_size && end > attr.size {
                 let fmt = tx.format()?.ok_or(MetaError::NotFormatted)?;
                 let grow = space(end) - space(attr.size);
-                if fmt.capacity > 0 && tx.usage()?.used_bytes.saturating_add(grow as u64) > fmt.capacity {
+                if fmt.capacity > 0
+                    && tx.usage()?.used_bytes.saturating_add(grow as u64) > fmt.capacity
+                {
                     return Err(MetaError::NoSpace);
                 }
                 tx.add_usage(grow, 0)?;
@@ -883,8 +1054,9 @@ impl<B: Backend> MetaEngine for Meta<B> {
             }
             attr.ctime = now;
             tx.set_attr(ino, &attr)?;
-            Ok(attr)
-        })
+            Ok((ino, attr))
+        })?;
+        Ok(entry.1)
     }
 
     fn getlk(&self, ino: Ino, req: &LockRequest) -> Result<Option<RangeLock>> {
@@ -965,8 +1137,24 @@ fn exchange(tx: &mut dyn Tx, a: Side<'_>, b: Side<'_>, now: Timestamp) -> Result
     tx.del_dentry(pa, na, da.cookie)?;
     tx.del_dentry(pb, nb, db.cookie)?;
     // Each name keeps its cookie: the entries stay where they were in the stream.
-    tx.set_dentry(pa, na, &Dentry { ino: db.ino, kind: db.kind, cookie: da.cookie })?;
-    tx.set_dentry(pb, nb, &Dentry { ino: da.ino, kind: da.kind, cookie: db.cookie })?;
+    tx.set_dentry(
+        pa,
+        na,
+        &Dentry {
+            ino: db.ino,
+            kind: db.kind,
+            cookie: da.cookie,
+        },
+    )?;
+    tx.set_dentry(
+        pb,
+        nb,
+        &Dentry {
+            ino: da.ino,
+            kind: da.kind,
+            cookie: db.cookie,
+        },
+    )?;
     let mut ia = get_attr(tx, da.ino)?;
     let mut ib = get_attr(tx, db.ino)?;
     ia.ctime = now;
@@ -1001,11 +1189,20 @@ mod tests {
     use super::*;
 
     fn owner(o: u64) -> LockOwner {
-        LockOwner { sid: SessionId(1), owner: o }
+        LockOwner {
+            sid: SessionId(1),
+            owner: o,
+        }
     }
 
     fn req(o: u64, typ: Option<LockType>, start: u64, end: u64) -> LockRequest {
-        LockRequest { owner: owner(o), typ, start, end, pid: 1 }
+        LockRequest {
+            owner: owner(o),
+            typ,
+            start,
+            end,
+            pid: 1,
+        }
     }
 
     #[test]
@@ -1013,9 +1210,15 @@ mod tests {
         let mut locks = Vec::new();
         merge_lock(&mut locks, &req(1, Some(LockType::Write), 0, 99));
         merge_lock(&mut locks, &req(1, None, 10, 19));
-        assert_eq!(locks.iter().map(|l| (l.start, l.end)).collect::<Vec<_>>(), vec![(0, 9), (20, 99)]);
+        assert_eq!(
+            locks.iter().map(|l| (l.start, l.end)).collect::<Vec<_>>(),
+            vec![(0, 9), (20, 99)]
+        );
         merge_lock(&mut locks, &req(1, Some(LockType::Write), 10, 19));
-        assert_eq!(locks.iter().map(|l| (l.start, l.end)).collect::<Vec<_>>(), vec![(0, 99)]);
+        assert_eq!(
+            locks.iter().map(|l| (l.start, l.end)).collect::<Vec<_>>(),
+            vec![(0, 99)]
+        );
         merge_lock(&mut locks, &req(1, Some(LockType::Read), 50, 59));
         assert_eq!(locks.len(), 3);
         assert!(conflict(&locks, &req(2, Some(LockType::Read), 50, 59)).is_none());

@@ -12,7 +12,7 @@
 //! U                     -> usage           S sid                -> session info
 //! P sid ino             -> (sustained)     R ino                -> locks
 //! Q sid ino             -> (locked by sid) G since id           -> slice size (dead)
-//! g id                  -> since
+//! g id                  -> since           O sid unique         -> request outcome
 //! ```
 //!
 //! The database is opened in redb's multi-writer mode: during a live upgrade the old and
@@ -34,7 +34,10 @@ pub struct RedbBackend {
 }
 
 fn backend_err(e: impl std::error::Error + Send + Sync + 'static) -> MetaError {
-    MetaError::Backend { backend: "redb", source: Box::new(e) }
+    MetaError::Backend {
+        backend: "redb",
+        source: Box::new(e),
+    }
 }
 
 impl RedbBackend {
@@ -68,7 +71,9 @@ impl Backend for RedbBackend {
         let w = self.db.begin_write().map_err(backend_err)?;
         let out = {
             let table = w.open_table(KV).map_err(backend_err)?;
-            let mut tx = RedbTx { table: TableRef::Write(table) };
+            let mut tx = RedbTx {
+                table: TableRef::Write(table),
+            };
             f(&mut tx)
         };
         match out {
@@ -86,7 +91,9 @@ impl Backend for RedbBackend {
     fn read<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
         let r = self.db.begin_read().map_err(backend_err)?;
         let table = r.open_table(KV).map_err(backend_err)?;
-        let mut tx = RedbTx { table: TableRef::Read(table) };
+        let mut tx = RedbTx {
+            table: TableRef::Read(table),
+        };
         f(&mut tx)
     }
 }
@@ -201,7 +208,10 @@ impl RedbTx<'_> {
 
 impl Tx for RedbTx<'_> {
     fn attr(&mut self, ino: Ino) -> Result<Option<Attr>> {
-        Ok(self.get(&key(b'A', &[&be(ino.0)]))?.map(|v| Attr::decode(&v)).transpose()?)
+        Ok(self
+            .get(&key(b'A', &[&be(ino.0)]))?
+            .map(|v| Attr::decode(&v))
+            .transpose()?)
     }
 
     fn set_attr(&mut self, ino: Ino, attr: &Attr) -> Result<()> {
@@ -213,7 +223,10 @@ impl Tx for RedbTx<'_> {
     }
 
     fn dentry(&mut self, parent: Ino, name: &[u8]) -> Result<Option<Dentry>> {
-        Ok(self.get(&key(b'D', &[&be(parent.0), name]))?.map(|v| Dentry::decode(&v)).transpose()?)
+        Ok(self
+            .get(&key(b'D', &[&be(parent.0), name]))?
+            .map(|v| Dentry::decode(&v))
+            .transpose()?)
     }
 
     fn set_dentry(&mut self, parent: Ino, name: &[u8], dentry: &Dentry) -> Result<()> {
@@ -226,21 +239,32 @@ impl Tx for RedbTx<'_> {
         self.del(&key(b'C', &[&be(parent.0), &be(cookie)]))
     }
 
-    fn dir_entries(&mut self, parent: Ino, after: u64, limit: usize) -> Result<Vec<(Vec<u8>, Dentry)>> {
+    fn dir_entries(
+        &mut self,
+        parent: Ino,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Dentry)>> {
         let from = key(b'C', &[&be(parent.0), &be(after.saturating_add(1))]);
         let to = prefix_end(&key(b'C', &[&be(parent.0)]));
         let mut out = Vec::new();
         for (_, name) in self.scan(&from, &to, limit)? {
             match self.dentry(parent, &name)? {
                 Some(d) => out.push((name, d)),
-                None => return Err(MetaError::Corrupt(Corrupt { what: "directory index" })),
+                None => {
+                    return Err(MetaError::Corrupt(Corrupt {
+                        what: "directory index",
+                    }));
+                }
             }
         }
         Ok(out)
     }
 
     fn dir_is_empty(&mut self, parent: Ino) -> Result<bool> {
-        Ok(self.scan_prefix(&key(b'D', &[&be(parent.0)]), 1)?.is_empty())
+        Ok(self
+            .scan_prefix(&key(b'D', &[&be(parent.0)]), 1)?
+            .is_empty())
     }
 
     fn symlink(&mut self, ino: Ino) -> Result<Option<Vec<u8>>> {
@@ -334,13 +358,19 @@ impl Tx for RedbTx<'_> {
 
     fn usage(&mut self) -> Result<Usage> {
         match self.get(b"U")? {
-            Some(v) => Ok(Usage { used_bytes: u64_at(&v, 0)?, used_inodes: u64_at(&v, 8)? }),
+            Some(v) => Ok(Usage {
+                used_bytes: u64_at(&v, 0)?,
+                used_inodes: u64_at(&v, 8)?,
+            }),
             None => Ok(Usage::default()),
         }
     }
 
     fn session(&mut self, sid: SessionId) -> Result<Option<SessionInfo>> {
-        Ok(self.get(&key(b'S', &[&be(sid.0)]))?.map(|v| SessionInfo::decode(&v)).transpose()?)
+        Ok(self
+            .get(&key(b'S', &[&be(sid.0)]))?
+            .map(|v| SessionInfo::decode(&v))
+            .transpose()?)
     }
 
     fn set_session(&mut self, sid: SessionId, info: &SessionInfo) -> Result<()> {
@@ -405,7 +435,10 @@ impl Tx for RedbTx<'_> {
     }
 
     fn add_dead_slice(&mut self, dead: &DeadSlice) -> Result<()> {
-        self.put(&key(b'G', &[&ts_key(dead.since), &be(dead.id)]), &dead.size.to_be_bytes())?;
+        self.put(
+            &key(b'G', &[&ts_key(dead.since), &be(dead.id)]),
+            &dead.size.to_be_bytes(),
+        )?;
         self.put(&key(b'g', &[&be(dead.id)]), &ts_key(dead.since))
     }
 
@@ -420,7 +453,11 @@ impl Tx for RedbTx<'_> {
                     .try_into()
                     .map(u32::from_be_bytes)
                     .map_err(|_| Corrupt { what: "dead slice" })?;
-                Ok(DeadSlice { id: u64_at(&k, 9)?, size, since })
+                Ok(DeadSlice {
+                    id: u64_at(&k, 9)?,
+                    size,
+                    since,
+                })
             })
             .collect()
     }
@@ -430,6 +467,23 @@ impl Tx for RedbTx<'_> {
         if let Some(since) = self.get(&gk)? {
             self.del(&key(b'G', &[&since, &be(id)]))?;
             self.del(&gk)?;
+        }
+        Ok(())
+    }
+
+    fn request(&mut self, sid: SessionId, unique: u64) -> Result<Option<Vec<u8>>> {
+        self.get(&key(b'O', &[&be(sid.0), &be(unique)]))
+    }
+
+    fn set_request(&mut self, sid: SessionId, unique: u64, outcome: &[u8]) -> Result<()> {
+        self.put(&key(b'O', &[&be(sid.0), &be(unique)]), outcome)
+    }
+
+    fn del_requests(&mut self, sid: SessionId, below: u64) -> Result<()> {
+        let from = key(b'O', &[&be(sid.0)]);
+        let to = key(b'O', &[&be(sid.0), &be(below)]);
+        for (k, _) in self.scan(&from, &to, usize::MAX)? {
+            self.del(&k)?;
         }
         Ok(())
     }

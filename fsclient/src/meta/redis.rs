@@ -31,6 +31,8 @@
 //! locked{sid}       set     inodes on which the session may hold locks
 //! deadSlices        zset    member slice id, score `since` in milliseconds
 //! deadSliceInfo     hash    slice id -> since (i64 ns, LE) ++ size (u32, LE)
+//! req{sid}_{unique} string  outcome of a request (exactly-once, `meta/once.rs`)
+//! reqs{sid}         zset    member and score: the uniques recorded for the session
 //! ```
 //!
 //! Why these shapes:
@@ -42,6 +44,9 @@
 //!   millisecond is restored from it.
 //! - The usage counters are read without WATCH: they are read only for quota checks, and
 //!   watching them would make every create in the volume conflict with every other.
+//! - A request record is its own key, so that a resent request WATCHes only its own
+//!   record, never a key every other request of the session writes; `reqs{sid}` is only
+//!   written in MULTI (never watched) and lets the records be dropped by range.
 //! - Keys carry no volume prefix: one volume per database (the `/db` of the URL). Redis
 //!   Cluster is not supported, since one transaction touches keys in many hash slots.
 //!

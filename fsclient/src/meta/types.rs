@@ -197,7 +197,11 @@ impl Attr {
             mtime: now,
             ctime: now,
             parent: Ino(0),
-            next_cookie: if kind == FileKind::Dir { FIRST_COOKIE } else { 0 },
+            next_cookie: if kind == FileKind::Dir {
+                FIRST_COOKIE
+            } else {
+                0
+            },
         }
     }
 
@@ -404,6 +408,15 @@ impl Format {
         }
         Ok(f)
     }
+}
+
+/// What a session holds in the engine (see `MetaEngine::session_holdings`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionHoldings {
+    /// Inodes unlinked while open, kept for the session until it releases them.
+    pub unlinked: Vec<Ino>,
+    /// (inode, lock owner) of every lock the session holds.
+    pub lockers: Vec<(Ino, u64)>,
 }
 
 /// What a mount says about itself when it opens a session.
@@ -622,8 +635,20 @@ mod tests {
     #[test]
     fn slice_list_roundtrip() {
         let s = [
-            Slice { pos: 0, id: 7, size: 100, off: 10, len: 90 },
-            Slice { pos: 4096, id: 0, size: 0, off: 0, len: 1 << 20 },
+            Slice {
+                pos: 0,
+                id: 7,
+                size: 100,
+                off: 10,
+                len: 90,
+            },
+            Slice {
+                pos: 4096,
+                id: 0,
+                size: 0,
+                off: 0,
+                len: 1 << 20,
+            },
         ];
         let mut b = Vec::new();
         for x in &s {

@@ -1,5 +1,6 @@
 //! Background duties of a mounted client: the session heartbeat, cleaning up sessions of
-//! clients that died, and deleting objects no file references any more.
+//! clients that died, deleting objects no file references any more, and dropping request
+//! records that can no longer be needed (exactly-once, `vfs::requests`).
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Weak};
@@ -23,7 +24,10 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name("baton-background".into())
             .spawn(move || run(weak, stopped))?;
-        Ok(Worker { stop, thread: Some(thread) })
+        Ok(Worker {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     pub fn stop(mut self) {
@@ -49,8 +53,13 @@ impl Drop for Worker {
 }
 
 fn run(vfs: Weak<Vfs>, stopped: mpsc::Receiver<()>) {
-    let Some(cfg) = vfs.upgrade().map(|v| v.config().clone()) else { return };
-    let tick = cfg.heartbeat.min(cfg.gc_grace).max(Duration::from_millis(100));
+    let Some(cfg) = vfs.upgrade().map(|v| v.config().clone()) else {
+        return;
+    };
+    let tick = cfg
+        .heartbeat
+        .min(cfg.gc_grace)
+        .max(Duration::from_millis(100));
     let mut next_clean = Instant::now();
     let mut next_gc = Instant::now() + cfg.gc_grace;
     loop {
@@ -66,6 +75,7 @@ fn run(vfs: Weak<Vfs>, stopped: mpsc::Receiver<()>) {
             tracing::error!(error = %e, session = %vfs.session(), "session heartbeat failed");
         }
         let now = Instant::now();
+        vfs.forget_requests(now);
         if now >= next_clean {
             next_clean = now + cfg.session_timeout / 4;
             let deadline = Timestamp(Timestamp::now().0 - cfg.session_timeout.as_nanos() as i64);

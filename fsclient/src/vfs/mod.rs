@@ -9,24 +9,30 @@
 
 mod background;
 mod errno;
+pub mod fault;
 pub mod handle;
 pub mod perm;
+pub mod requests;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use crate::data::{DataConfig, DataStore};
 use crate::meta::{
-    self, Attr, Caller, DirEntry, Fallocate, FileKind, Format, Ino, LockOwner, LockRequest, LockType, MetaEngine,
-    MetaError, NewNode, RangeLock, RenameFlags, SessionId, SessionInfo, SetAttr, Timestamp, XattrMode,
+    self, Attr, Caller, DirEntry, Fallocate, FileKind, Format, Ino, LockOwner, LockRequest,
+    LockType, MetaEngine, MetaError, NewNode, RangeLock, RenameFlags, RequestId, SessionId,
+    SessionInfo, SetAttr, Timestamp, XattrMode,
 };
 
 pub use errno::{FsError, meta_errno};
-use handle::{Fh, Handle, HandleFlags, HandleTable};
+use fault::{Faults, Op};
+use handle::{Fh, Handle, HandleFlags, HandleTable, NEXT_HANDLE_INCOMPLETE};
+use requests::{InFlight, Requests};
 
 pub type Result<T, E = FsError> = std::result::Result<T, E>;
 
@@ -52,10 +58,17 @@ pub struct VfsConfig {
     /// The metadata session to take over (a successor keeps its predecessor's, with its
     /// locks and open-but-unlinked files); `None` opens a new one.
     pub resume_session: Option<SessionId>,
+    /// How long the records that make resent requests run once are kept after their
+    /// unique was seen ([`requests::RETENTION`]; see `vfs::requests`).
+    pub request_retention: Duration,
 }
 
 impl VfsConfig {
-    pub fn new(meta_url: impl Into<String>, mountpoint: impl Into<String>, home: impl Into<PathBuf>) -> Self {
+    pub fn new(
+        meta_url: impl Into<String>,
+        mountpoint: impl Into<String>,
+        home: impl Into<PathBuf>,
+    ) -> Self {
         VfsConfig {
             meta_url: meta_url.into(),
             mountpoint: mountpoint.into(),
@@ -69,6 +82,7 @@ impl VfsConfig {
             session_timeout: Duration::from_secs(300),
             gc_grace: Duration::from_secs(60),
             resume_session: None,
+            request_retention: requests::RETENTION,
         }
     }
 }
@@ -92,7 +106,15 @@ pub enum OpenError {
     },
     #[error("cannot start the background worker")]
     Background(#[source] std::io::Error),
+    #[error("bad fault injection setting")]
+    Fault(#[source] fault::BadFault),
 }
+
+/// The FUSE `unique` of a kernel request, as the kernel sent it (bit 63 set: delivered
+/// again after FUSE_NOTIFY_RESEND). Mutations take it so that a request a dead process
+/// already applied is not applied twice (`meta/once.rs`); `None` is not a kernel request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unique(pub u64);
 
 /// Shutting the filesystem down failed; data may not have been written.
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +189,21 @@ pub struct Vfs {
     /// (inode, lock owner) pairs that took a lock here, so that a close only writes to
     /// the metadata engine when there is a lock to release.
     lockers: Mutex<HashSet<(Ino, u64)>>,
+    /// The kernel may hold handles this process never saw: it (or a predecessor) took the
+    /// session over after a crash. Then no inode is known to be closed: an unlinked file
+    /// is always kept, and freed when the kernel forgets the inode (which it does only
+    /// once no descriptor is open), not at the last close seen here.
+    unknown_handles: AtomicBool,
     background: Mutex<Option<background::Worker>>,
+    /// Mutations executing here, which bound the dropping of request records.
+    requests: Requests,
+    faults: Faults,
+}
+
+/// A mutation being executed for a kernel request.
+struct Mutation<'a> {
+    id: Option<RequestId>,
+    _in_flight: Option<InFlight<'a>>,
 }
 
 impl Vfs {
@@ -176,9 +212,17 @@ impl Vfs {
         let meta = meta::open(&config.meta_url).map_err(OpenError::Meta)?;
         let format = meta.load_format().map_err(OpenError::Format)?;
         // The data store keeps each volume's blocks under `<cache_dir>/<uuid>`.
-        let cache_dir = config.cache_dir.clone().unwrap_or_else(|| config.home.join("cache"));
-        let data_config = DataConfig { cache_dir: Some(cache_dir), cache_bytes: config.cache_bytes, ..DataConfig::default() };
-        let data = DataStore::open(&format.storage, &format, data_config, meta.clone(), rt).map_err(OpenError::Data)?;
+        let cache_dir = config
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| config.home.join("cache"));
+        let data_config = DataConfig {
+            cache_dir: Some(cache_dir),
+            cache_bytes: config.cache_bytes,
+            ..DataConfig::default()
+        };
+        let data = DataStore::open(&format.storage, &format, data_config, meta.clone(), rt)
+            .map_err(OpenError::Data)?;
         let info = SessionInfo {
             host: hostname(),
             mountpoint: config.mountpoint.clone(),
@@ -188,12 +232,21 @@ impl Vfs {
         };
         let sid = match config.resume_session {
             Some(sid) => {
-                meta.resume_session(sid, &info).map_err(|source| OpenError::ResumeSession { sid, source })?;
+                meta.resume_session(sid, &info)
+                    .map_err(|source| OpenError::ResumeSession { sid, source })?;
                 sid
             }
             None => meta.new_session(&info).map_err(OpenError::Session)?,
         };
         let resumed = config.resume_session.is_some();
+        let faults = if resumed {
+            Faults::NONE
+        } else {
+            Faults::from_env().map_err(OpenError::Fault)?
+        };
+        if let Some(op) = faults.after_apply_of() {
+            tracing::warn!(%op, "fault injection armed: this client aborts after its first {op}");
+        }
         tracing::info!(volume = %format.name, session = %sid, resumed, meta = meta.backend_name(), "volume opened");
         let vfs = Arc::new(Vfs {
             meta,
@@ -205,7 +258,10 @@ impl Vfs {
             lookups: Mutex::new(HashMap::new()),
             orphans: Mutex::new(HashSet::new()),
             lockers: Mutex::new(HashSet::new()),
+            unknown_handles: AtomicBool::new(false),
             background: Mutex::new(None),
+            requests: Requests::default(),
+            faults,
         });
         let worker = background::Worker::start(&vfs).map_err(OpenError::Background)?;
         *vfs.background.lock() = Some(worker);
@@ -219,7 +275,9 @@ impl Vfs {
             w.stop();
         }
         self.data.flush_all().map_err(ShutdownError::Flush)?;
-        self.meta.close_session(self.sid).map_err(ShutdownError::Session)?;
+        self.meta
+            .close_session(self.sid)
+            .map_err(ShutdownError::Session)?;
         tracing::info!(session = %self.sid, "session closed");
         Ok(())
     }
@@ -237,18 +295,31 @@ impl Vfs {
     /// Everything a successor process needs of this one's tables. Consistent only while no
     /// request executes (the caller freezes the FUSE adapter first).
     pub fn export_tables(&self) -> Tables {
-        let (handles, next_handle) = self.handles.snapshot();
-        let mut lookups: Vec<(Ino, u64)> = self.lookups.lock().iter().map(|(i, n)| (*i, *n)).collect();
+        let (handles, mut next_handle) = self.handles.snapshot();
+        if self.unknown_handles.load(Ordering::Relaxed) {
+            next_handle |= NEXT_HANDLE_INCOMPLETE;
+        }
+        let mut lookups: Vec<(Ino, u64)> =
+            self.lookups.lock().iter().map(|(i, n)| (*i, *n)).collect();
         lookups.sort_unstable();
         let mut lockers: Vec<(Ino, u64)> = self.lockers.lock().iter().copied().collect();
         lockers.sort_unstable();
         let mut orphans: Vec<Ino> = self.orphans.lock().iter().copied().collect();
         orphans.sort_unstable();
-        Tables { lookups, handles, lockers, orphans, next_handle }
+        Tables {
+            lookups,
+            handles,
+            lockers,
+            orphans,
+            next_handle,
+        }
     }
 
     /// Adds a predecessor's tables to this process's (which has served nothing yet).
     pub fn import_tables(&self, t: &Tables) {
+        if t.next_handle & NEXT_HANDLE_INCOMPLETE != 0 {
+            self.unknown_handles.store(true, Ordering::Relaxed);
+        }
         self.handles.restore(&t.handles, t.next_handle);
         {
             let mut l = self.lookups.lock();
@@ -258,6 +329,75 @@ impl Vfs {
         }
         self.lockers.lock().extend(t.lockers.iter().copied());
         self.orphans.lock().extend(t.orphans.iter().copied());
+    }
+
+    /// Takes over the session of a predecessor that crashed (no tables came with it):
+    /// learns the session's open-but-unlinked inodes and locks from the metadata engine,
+    /// and from now on assumes the kernel holds handles this process never saw (they are
+    /// rebuilt from their numbers when used). Called before serving.
+    pub fn take_over_after_crash(&self) -> Result<(), MetaError> {
+        let held = self.meta.session_holdings(self.sid)?;
+        tracing::info!(
+            session = %self.sid,
+            unlinked = held.unlinked.len(),
+            locks = held.lockers.len(),
+            "took over a crashed client's session"
+        );
+        self.unknown_handles.store(true, Ordering::Relaxed);
+        self.orphans.lock().extend(held.unlinked);
+        self.lockers.lock().extend(held.lockers);
+        Ok(())
+    }
+
+    /// Frees the open-but-unlinked files the kernel no longer has (`kernel_holds` says
+    /// whether it has an inode in its cache: without it, no descriptor of it is open).
+    /// For a process that took over after a crash: it inherited the session's unlinked
+    /// files, and the FORGETs that would free some of them may have died with its
+    /// predecessor. Stops at the first probe that fails. Returns how many were freed.
+    pub fn sweep_orphans(&self, kernel_holds: &dyn Fn(Ino) -> std::io::Result<bool>) -> usize {
+        if !self.unknown_handles.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let candidates: Vec<Ino> = self.orphans.lock().iter().copied().collect();
+        let mut freed = 0;
+        for ino in candidates {
+            match kernel_holds(ino) {
+                Ok(true) => {}
+                Ok(false) => {
+                    if self.orphans.lock().remove(&ino) {
+                        self.data.discard(ino);
+                        match self.meta.release_unlinked(self.sid, ino) {
+                            Ok(()) => freed += 1,
+                            Err(e) => {
+                                tracing::warn!(%ino, error = %e, "cannot free an open-but-unlinked file (the session frees it at its end)")
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%ino, error = %e, "cannot ask the kernel about an inode; unlinked files are freed when it forgets them");
+                    break;
+                }
+            }
+        }
+        freed
+    }
+
+    /// Sets the epoch of the handle numbers this process opens (its client generation),
+    /// so that they never repeat one a crashed predecessor handed to the kernel.
+    pub fn set_handle_epoch(&self, generation: u64) {
+        self.handles.set_epoch(generation);
+    }
+
+    /// Whether the kernel may hold handles this process never saw (it, or a predecessor,
+    /// took over after a crash).
+    pub fn has_unknown_handles(&self) -> bool {
+        self.unknown_handles.load(Ordering::Relaxed)
+    }
+
+    /// Whether `ino` may be open in the kernel.
+    fn may_be_open(&self, ino: Ino) -> bool {
+        self.unknown_handles.load(Ordering::Relaxed) || self.handles.is_open(ino)
     }
 
     pub fn config(&self) -> &VfsConfig {
@@ -290,6 +430,34 @@ impl Vfs {
         attr
     }
 
+    /// Starts executing a mutation for kernel request `unique`, if it is one.
+    fn mutation(&self, unique: Option<Unique>) -> Mutation<'_> {
+        match unique {
+            Some(Unique(u)) => {
+                let id = RequestId::from_fuse(self.sid, u);
+                Mutation {
+                    id: Some(id),
+                    _in_flight: Some(self.requests.begin(id.unique)),
+                }
+            }
+            None => Mutation {
+                id: None,
+                _in_flight: None,
+            },
+        }
+    }
+
+    /// Drops the request records that can no longer be needed (background, periodically).
+    fn forget_requests(&self, now: std::time::Instant) {
+        let Some(below) = self.requests.sweep(now, self.config.request_retention) else {
+            return;
+        };
+        match self.meta.forget_requests(self.sid, below) {
+            Ok(()) => self.requests.dropped(below),
+            Err(e) => tracing::warn!(error = %e, "dropping old request records failed"),
+        }
+    }
+
     fn remember(&self, ino: Ino) {
         *self.lookups.lock().entry(ino).or_insert(0) += 1;
     }
@@ -315,13 +483,23 @@ impl Vfs {
         Ok((ino, self.with_pending(ino, attr)))
     }
 
-    /// The kernel dropped `n` references to `ino`.
+    /// The kernel dropped `n` references to `ino` (an inode never looked up here is
+    /// ignored). The kernel forgets an inode only once no descriptor of it is open: when
+    /// handles may be unknown here, that is when an open-but-unlinked file is freed.
     pub fn forget(&self, ino: Ino, n: u64) {
-        let mut l = self.lookups.lock();
-        if let Some(c) = l.get_mut(&ino) {
-            *c = c.saturating_sub(n);
-            if *c == 0 {
-                l.remove(&ino);
+        {
+            let mut l = self.lookups.lock();
+            if let Some(c) = l.get_mut(&ino) {
+                *c = c.saturating_sub(n);
+                if *c == 0 {
+                    l.remove(&ino);
+                }
+            }
+        }
+        if self.unknown_handles.load(Ordering::Relaxed) && self.orphans.lock().remove(&ino) {
+            self.data.discard(ino);
+            if let Err(e) = self.meta.release_unlinked(self.sid, ino) {
+                tracing::warn!(%ino, error = %e, "cannot free an open-but-unlinked file (the session frees it at its end)");
             }
         }
     }
@@ -336,12 +514,14 @@ impl Vfs {
         Ok(self.with_pending(ino, attr))
     }
 
-    pub fn setattr(&self, ino: Ino, set: &SetAttr) -> Result<Attr> {
+    pub fn setattr(&self, unique: Option<Unique>, ino: Ino, set: &SetAttr) -> Result<Attr> {
+        let m = self.mutation(unique);
         if set.size.is_some() {
             // Written data lands before the size changes, not after it.
             self.data.flush(ino)?;
         }
-        let attr = self.meta.setattr(ino, set, Timestamp::now())?;
+        let attr = self.meta.setattr(m.id, ino, set, Timestamp::now())?;
+        self.faults.after_apply(Op::Setattr);
         if set.size.is_some() {
             self.data.invalidate(ino);
         }
@@ -354,46 +534,110 @@ impl Vfs {
 
     /// Creates a non-directory node (regular file, fifo, device, socket) from a full
     /// `st_mode`.
-    pub fn mknod(&self, caller: Caller, parent: Ino, name: &[u8], mode: u32, umask: u32, rdev: u32) -> Result<(Ino, Attr)> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod(
+        &self,
+        unique: Option<Unique>,
+        caller: Caller,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> Result<(Ino, Attr)> {
         let kind = FileKind::from_mode(mode).unwrap_or(FileKind::File);
         if kind == FileKind::Dir || kind == FileKind::Symlink {
             return Err(FsError::Posix(libc::EINVAL));
         }
         let perm = (mode & !umask & 0o7777) as u16;
-        let node = NewNode { kind, perm, rdev, target: Vec::new() };
-        self.create_node(caller, parent, name, &node)
+        let node = NewNode {
+            kind,
+            perm,
+            rdev,
+            target: Vec::new(),
+        };
+        self.create_node(unique, caller, parent, name, &node, Op::Mknod)
     }
 
-    pub fn mkdir(&self, caller: Caller, parent: Ino, name: &[u8], mode: u32, umask: u32) -> Result<(Ino, Attr)> {
+    pub fn mkdir(
+        &self,
+        unique: Option<Unique>,
+        caller: Caller,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+    ) -> Result<(Ino, Attr)> {
         let perm = (mode & !umask & 0o7777) as u16;
-        let node = NewNode { kind: FileKind::Dir, perm, rdev: 0, target: Vec::new() };
-        self.create_node(caller, parent, name, &node)
+        let node = NewNode {
+            kind: FileKind::Dir,
+            perm,
+            rdev: 0,
+            target: Vec::new(),
+        };
+        self.create_node(unique, caller, parent, name, &node, Op::Mkdir)
     }
 
-    pub fn symlink(&self, caller: Caller, parent: Ino, name: &[u8], target: &[u8]) -> Result<(Ino, Attr)> {
-        let node = NewNode { kind: FileKind::Symlink, perm: 0o777, rdev: 0, target: target.to_vec() };
-        self.create_node(caller, parent, name, &node)
+    pub fn symlink(
+        &self,
+        unique: Option<Unique>,
+        caller: Caller,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<(Ino, Attr)> {
+        let node = NewNode {
+            kind: FileKind::Symlink,
+            perm: 0o777,
+            rdev: 0,
+            target: target.to_vec(),
+        };
+        self.create_node(unique, caller, parent, name, &node, Op::Symlink)
     }
 
-    fn create_node(&self, caller: Caller, parent: Ino, name: &[u8], node: &NewNode) -> Result<(Ino, Attr)> {
-        let (ino, attr) = self.meta.mknod(parent, name, node, caller)?;
+    fn create_node(
+        &self,
+        unique: Option<Unique>,
+        caller: Caller,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+        op: Op,
+    ) -> Result<(Ino, Attr)> {
+        let m = self.mutation(unique);
+        let (ino, attr) = self.meta.mknod(m.id, parent, name, node, caller)?;
+        self.faults.after_apply(op);
         self.remember(ino);
         Ok((ino, attr))
     }
 
-    pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
-        let r = self.meta.unlink(self.sid, parent, name, &|ino| self.handles.is_open(ino))?;
+    pub fn unlink(&self, unique: Option<Unique>, parent: Ino, name: &[u8]) -> Result<()> {
+        let m = self.mutation(unique);
+        let r = self
+            .meta
+            .unlink(m.id, self.sid, parent, name, &|ino| self.may_be_open(ino))?;
+        self.faults.after_apply(Op::Unlink);
         self.removed(r);
         Ok(())
     }
 
-    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
-        self.meta.rmdir(parent, name)?;
+    pub fn rmdir(&self, unique: Option<Unique>, parent: Ino, name: &[u8]) -> Result<()> {
+        let m = self.mutation(unique);
+        self.meta.rmdir(m.id, parent, name)?;
+        self.faults.after_apply(Op::Rmdir);
         Ok(())
     }
 
     /// rename(2) with renameat2 flags (RENAME_NOREPLACE, RENAME_EXCHANGE).
-    pub fn rename(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], flags: u32) -> Result<()> {
+    pub fn rename(
+        &self,
+        unique: Option<Unique>,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> Result<()> {
         let known = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
         if flags & !known != 0 {
             // RENAME_WHITEOUT is for overlay filesystems.
@@ -403,17 +647,28 @@ impl Vfs {
             noreplace: flags & libc::RENAME_NOREPLACE != 0,
             exchange: flags & libc::RENAME_EXCHANGE != 0,
         };
-        let replaced = self
-            .meta
-            .rename(self.sid, parent, name, new_parent, new_name, flags, &|ino| self.handles.is_open(ino))?;
+        let m = self.mutation(unique);
+        let is_open = |ino| self.may_be_open(ino);
+        let replaced = self.meta.rename(
+            m.id, self.sid, parent, name, new_parent, new_name, flags, &is_open,
+        )?;
+        self.faults.after_apply(Op::Rename);
         if let Some(r) = replaced {
             self.removed(r);
         }
         Ok(())
     }
 
-    pub fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<(Ino, Attr)> {
-        let attr = self.meta.link(ino, new_parent, new_name)?;
+    pub fn link(
+        &self,
+        unique: Option<Unique>,
+        ino: Ino,
+        new_parent: Ino,
+        new_name: &[u8],
+    ) -> Result<(Ino, Attr)> {
+        let m = self.mutation(unique);
+        let attr = self.meta.link(m.id, ino, new_parent, new_name)?;
+        self.faults.after_apply(Op::Link);
         self.remember(ino);
         Ok((ino, self.with_pending(ino, attr)))
     }
@@ -430,16 +685,39 @@ impl Vfs {
         }
         // Close-to-open: what another client wrote before our open is read fresh.
         self.data.invalidate(ino);
-        Ok(self.handles.open(ino, HandleFlags::from_open_flags(flags)).fh.0)
+        Ok(self
+            .handles
+            .open(ino, HandleFlags::from_open_flags(flags))
+            .fh
+            .0)
     }
 
     /// Creates and opens a regular file. Without O_EXCL an existing file (created by
     /// another client since the kernel's lookup) is opened instead.
-    pub fn create(&self, caller: Caller, parent: Ino, name: &[u8], mode: u32, umask: u32, flags: i32) -> Result<(Ino, Attr, u64)> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        &self,
+        unique: Option<Unique>,
+        caller: Caller,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> Result<(Ino, Attr, u64)> {
+        let m = self.mutation(unique);
         let perm = (mode & !umask & 0o7777) as u16;
-        let node = NewNode { kind: FileKind::File, perm, rdev: 0, target: Vec::new() };
-        let (ino, attr) = match self.meta.mknod(parent, name, &node, caller) {
-            Ok(x) => x,
+        let node = NewNode {
+            kind: FileKind::File,
+            perm,
+            rdev: 0,
+            target: Vec::new(),
+        };
+        let (ino, attr) = match self.meta.mknod(m.id, parent, name, &node, caller) {
+            Ok(x) => {
+                self.faults.after_apply(Op::Create);
+                x
+            }
             Err(MetaError::Exists) if flags & libc::O_EXCL == 0 => {
                 let (ino, attr) = self.meta.lookup(parent, name)?;
                 if attr.kind == FileKind::Dir {
@@ -450,7 +728,11 @@ impl Vfs {
             Err(e) => return Err(e.into()),
         };
         self.remember(ino);
-        let fh = self.handles.open(ino, HandleFlags::from_open_flags(flags)).fh.0;
+        let fh = self
+            .handles
+            .open(ino, HandleFlags::from_open_flags(flags))
+            .fh
+            .0;
         Ok((ino, self.with_pending(ino, attr), fh))
     }
 
@@ -467,16 +749,22 @@ impl Vfs {
         Ok(self.data.read(ino, offset, size, attr.size, &mut state)?)
     }
 
+    /// Writes need no request record: a write carries its offset, also for O_APPEND (the
+    /// kernel computed it), so one delivered again after a crash writes the same bytes at
+    /// the same place.
     pub fn write(&self, ino: Ino, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let h = self.handle(ino, fh)?;
         if !h.flags().write {
             return Err(FsError::Posix(libc::EBADF));
         }
-        let end = offset.checked_add(data.len() as u64).ok_or(FsError::Posix(libc::EFBIG))?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(FsError::Posix(libc::EFBIG))?;
         if end > meta::MAX_FILE_SIZE {
             return Err(FsError::Posix(libc::EFBIG));
         }
         self.data.write(ino, offset, data)?;
+        self.faults.after_apply(Op::Write);
         Ok(data.len() as u32)
     }
 
@@ -484,7 +772,11 @@ impl Vfs {
     /// POSIX locks of `lock_owner` on the file are released.
     pub fn flush(&self, ino: Ino, fh: u64, lock_owner: u64) -> Result<()> {
         let h = self.handle(ino, fh)?;
-        let flushed = if h.flags().write { self.data.flush(ino) } else { Ok(()) };
+        let flushed = if h.flags().write {
+            self.data.flush(ino)
+        } else {
+            Ok(())
+        };
         self.release_locks(ino, lock_owner)?;
         Ok(flushed?)
     }
@@ -492,13 +784,20 @@ impl Vfs {
     /// The last close of an open file description.
     pub fn release(&self, ino: Ino, fh: u64, flock_owner: Option<u64>) -> Result<()> {
         let flags = Fh(fh).flags();
-        let mut result = if flags.write { self.data.flush(ino).map_err(FsError::from) } else { Ok(()) };
+        let mut result = if flags.write {
+            self.data.flush(ino).map_err(FsError::from)
+        } else {
+            Ok(())
+        };
         if let Some(owner) = flock_owner {
             if let Err(e) = self.release_locks(ino, owner) {
                 result = result.and(Err(e));
             }
         }
-        if self.handles.close(fh) && self.orphans.lock().remove(&ino) {
+        // With unknown handles, the last close seen here may not be the last one: the
+        // inode is freed when the kernel forgets it (`forget`).
+        let last = self.handles.close(fh) && !self.unknown_handles.load(Ordering::Relaxed);
+        if last && self.orphans.lock().remove(&ino) {
             self.data.discard(ino);
             if let Err(e) = self.meta.release_unlinked(self.sid, ino) {
                 result = result.and(Err(e.into()));
@@ -512,7 +811,16 @@ impl Vfs {
         Ok(self.data.flush(ino)?)
     }
 
-    pub fn fallocate(&self, ino: Ino, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+    pub fn fallocate(
+        &self,
+        unique: Option<Unique>,
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<()> {
+        let m = self.mutation(unique);
         let h = self.handle(ino, fh)?;
         if !h.flags().write {
             return Err(FsError::Posix(libc::EBADF));
@@ -528,7 +836,9 @@ impl Vfs {
             _ => return Err(FsError::Posix(libc::EOPNOTSUPP)),
         };
         self.data.flush(ino)?;
-        self.meta.fallocate(ino, how, offset, length, Timestamp::now())?;
+        self.meta
+            .fallocate(m.id, ino, how, offset, length, Timestamp::now())?;
+        self.faults.after_apply(Op::Fallocate);
         self.data.invalidate(ino);
         Ok(())
     }
@@ -559,7 +869,14 @@ impl Vfs {
     /// Entries after `offset` (a cookie from an earlier entry, or 0), "." and ".."
     /// first. With `plus`, entries carry attributes and count as lookups (the kernel
     /// takes a reference on each, except "." and "..").
-    pub fn readdir(&self, ino: Ino, fh: u64, offset: u64, limit: usize, plus: bool) -> Result<Vec<DirEntry>> {
+    pub fn readdir(
+        &self,
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        limit: usize,
+        plus: bool,
+    ) -> Result<Vec<DirEntry>> {
         let h = self.handle(ino, fh)?;
         if !h.flags().dir {
             return Err(FsError::Posix(libc::ENOTDIR));
@@ -568,11 +885,27 @@ impl Vfs {
         if offset < 2 {
             let dir = self.meta.getattr(ino)?;
             if offset == 0 {
-                out.push(DirEntry { name: b".".to_vec(), ino, kind: FileKind::Dir, cookie: 1, attr: plus.then(|| dir.clone()) });
+                out.push(DirEntry {
+                    name: b".".to_vec(),
+                    ino,
+                    kind: FileKind::Dir,
+                    cookie: 1,
+                    attr: plus.then(|| dir.clone()),
+                });
             }
             let parent = if dir.parent.0 == 0 { ino } else { dir.parent };
-            let pattr = if plus { Some(self.meta.getattr(parent)?) } else { None };
-            out.push(DirEntry { name: b"..".to_vec(), ino: parent, kind: FileKind::Dir, cookie: 2, attr: pattr });
+            let pattr = if plus {
+                Some(self.meta.getattr(parent)?)
+            } else {
+                None
+            };
+            out.push(DirEntry {
+                name: b"..".to_vec(),
+                ino: parent,
+                kind: FileKind::Dir,
+                cookie: 2,
+                attr: pattr,
+            });
         }
         let want = limit.saturating_sub(out.len()).max(1);
         let mut entries = self.meta.readdir(ino, offset, want, plus)?;
@@ -601,8 +934,16 @@ impl Vfs {
     pub fn statfs(&self) -> Result<StatFs> {
         let usage = self.meta.usage()?;
         let bsize = 4096u64;
-        let cap = if self.format.capacity > 0 { self.format.capacity } else { UNLIMITED_BYTES };
-        let inodes = if self.format.inodes > 0 { self.format.inodes } else { UNLIMITED_INODES };
+        let cap = if self.format.capacity > 0 {
+            self.format.capacity
+        } else {
+            UNLIMITED_BYTES
+        };
+        let inodes = if self.format.inodes > 0 {
+            self.format.inodes
+        } else {
+            UNLIMITED_INODES
+        };
         Ok(StatFs {
             blocks: cap / bsize,
             bfree: cap.saturating_sub(usage.used_bytes) / bsize,
@@ -619,7 +960,14 @@ impl Vfs {
         Ok(self.meta.getxattr(ino, name)?)
     }
 
-    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+    pub fn setxattr(
+        &self,
+        unique: Option<Unique>,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
         if name.starts_with(b"system.posix_acl_") {
             // ACLs would be stored but not enforced; refuse rather than pretend.
             return Err(FsError::Posix(libc::EOPNOTSUPP));
@@ -630,7 +978,10 @@ impl Vfs {
             libc::XATTR_REPLACE => XattrMode::Replace,
             _ => return Err(FsError::Posix(libc::EINVAL)),
         };
-        Ok(self.meta.setxattr(ino, name, value, mode)?)
+        let m = self.mutation(unique);
+        self.meta.setxattr(m.id, ino, name, value, mode)?;
+        self.faults.after_apply(Op::Setxattr);
+        Ok(())
     }
 
     /// Attribute names, each followed by a NUL byte.
@@ -643,8 +994,11 @@ impl Vfs {
         Ok(out)
     }
 
-    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
-        Ok(self.meta.removexattr(ino, name)?)
+    pub fn removexattr(&self, unique: Option<Unique>, ino: Ino, name: &[u8]) -> Result<()> {
+        let m = self.mutation(unique);
+        self.meta.removexattr(m.id, ino, name)?;
+        self.faults.after_apply(Op::Removexattr);
+        Ok(())
     }
 
     pub fn access(&self, caller: Caller, ino: Ino, mask: u32) -> Result<()> {
@@ -659,18 +1013,42 @@ impl Vfs {
 
     // --- locks ---
 
-    fn lock_request(&self, owner: u64, typ: i32, start: u64, end: u64, pid: u32) -> Result<LockRequest> {
+    fn lock_request(
+        &self,
+        owner: u64,
+        typ: i32,
+        start: u64,
+        end: u64,
+        pid: u32,
+    ) -> Result<LockRequest> {
         let typ = match typ {
             libc::F_RDLCK => Some(LockType::Read),
             libc::F_WRLCK => Some(LockType::Write),
             libc::F_UNLCK => None,
             _ => return Err(FsError::Posix(libc::EINVAL)),
         };
-        Ok(LockRequest { owner: LockOwner { sid: self.sid, owner }, typ, start, end, pid })
+        Ok(LockRequest {
+            owner: LockOwner {
+                sid: self.sid,
+                owner,
+            },
+            typ,
+            start,
+            end,
+            pid,
+        })
     }
 
     /// F_GETLK: the conflicting lock, or `None` (the caller reports F_UNLCK).
-    pub fn getlk(&self, ino: Ino, owner: u64, typ: i32, start: u64, end: u64, pid: u32) -> Result<Option<RangeLock>> {
+    pub fn getlk(
+        &self,
+        ino: Ino,
+        owner: u64,
+        typ: i32,
+        start: u64,
+        end: u64,
+        pid: u32,
+    ) -> Result<Option<RangeLock>> {
         let req = self.lock_request(owner, typ, start, end, pid)?;
         Ok(self.meta.getlk(ino, &req)?)
     }
@@ -680,7 +1058,16 @@ impl Vfs {
     /// `wait` between attempts: an attempt that fails has changed nothing, so the request
     /// may be parked there and executed again by another process.
     #[allow(clippy::too_many_arguments)]
-    pub fn setlk(&self, ino: Ino, owner: u64, typ: i32, start: u64, end: u64, pid: u32, wait: Option<&dyn LockWait>) -> Result<()> {
+    pub fn setlk(
+        &self,
+        ino: Ino,
+        owner: u64,
+        typ: i32,
+        start: u64,
+        end: u64,
+        pid: u32,
+        wait: Option<&dyn LockWait>,
+    ) -> Result<()> {
         let req = self.lock_request(owner, typ, start, end, pid)?;
         let mut delay = Duration::from_millis(5);
         loop {
@@ -705,12 +1092,21 @@ impl Vfs {
 
     fn release_locks(&self, ino: Ino, owner: u64) -> Result<()> {
         if self.lockers.lock().remove(&(ino, owner)) {
-            self.meta.release_locks(ino, LockOwner { sid: self.sid, owner })?;
+            self.meta.release_locks(
+                ino,
+                LockOwner {
+                    sid: self.sid,
+                    owner,
+                },
+            )?;
         }
         Ok(())
     }
 }
 
 fn hostname() -> String {
-    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown".into())
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into())
 }

@@ -113,6 +113,50 @@ pub fn upgrade(home: &Home, cmd: &UpgradeCommand) -> Result<UpgradeAnswer, Upgra
     }
 }
 
+/// `baton upgrade MOUNTPOINT --supervisor PATH` succeeded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SupervisorUpgrade {
+    pub old_pid: u32,
+    pub new_pid: u32,
+    pub new_version: String,
+}
+
+/// Asks the supervisor of the mount to hand the mount to a new supervisor process of
+/// `binary` and waits for the outcome. `Refused` carries why it did not (the old
+/// supervisor serves on).
+pub fn upgrade_supervisor(
+    home: &Home,
+    mountpoint: &Path,
+    binary: &Path,
+    timeout: Duration,
+) -> Result<SupervisorUpgrade, UpgradeCommandError> {
+    let mp = resolve(mountpoint);
+    let request = ControlRequest::UpgradeSupervisor {
+        binary: absolute(binary),
+        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+    };
+    let wait = timeout.saturating_add(ANSWER_SLACK);
+    match control::request(home, &mp, &request, wait) {
+        Ok(ControlResponse::SupervisorUpgraded {
+            old_pid,
+            new_pid,
+            new_version,
+        }) => Ok(SupervisorUpgrade {
+            old_pid,
+            new_pid,
+            new_version,
+        }),
+        Ok(ControlResponse::Error { message }) => {
+            Err(UpgradeCommandError::Refused { path: mp, message })
+        }
+        Ok(other) => Err(UpgradeCommandError::Unexpected {
+            path: mp,
+            answer: format!("{other:?}"),
+        }),
+        Err(source) => Err(UpgradeCommandError::Control { path: mp, source }),
+    }
+}
+
 fn requests(n: u32) -> String {
     if n == 1 {
         "1 request".into()
@@ -134,6 +178,17 @@ pub fn render(mountpoint: &Path, answer: &UpgradeAnswer) -> String {
     let r = answer.report();
     let mp = mountpoint.display();
     match answer {
+        // No mode: the upgrade came while the client was being restarted after a crash;
+        // the pause is from that crash.
+        UpgradeAnswer::Upgraded(_) if r.mode.is_none() => format!(
+            "upgraded {mp}: generation {} ({}) had died; generation {} ({}) serves in its place\n  pause since the crash {}, total {}\n",
+            r.old_generation,
+            r.old_version,
+            r.new_generation,
+            r.new_version,
+            millis(r.pause_us),
+            millis(r.total_us),
+        ),
         UpgradeAnswer::Upgraded(_) => format!(
             "upgraded {mp}: generation {} ({}) -> {} ({}), {}\n  pause {} ({} handed over), total {}\n",
             r.old_generation,

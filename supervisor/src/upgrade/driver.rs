@@ -13,7 +13,7 @@
 //!   after each: every machine action, in order:
 //!     Spawn -> start the binary, send Start      Send -> queue (fd attached for Init)
 //!     Kill -> SIGKILL                            WriteResend -> 16 bytes to /dev/fuse
-//!     Report -> answer `baton upgrade`           MountGone / Lost -> stop
+//!     Report -> answer `baton upgrade`           MountGone -> stop
 //! ```
 //!
 //! Channels are non-blocking with a queue per client: a client that stops reading its
@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use handover_proto::channel::{self, RecvError, SendError};
-use handover_proto::control::{ControlRequest, ControlResponse, MountStatus};
+use handover_proto::control::{ClientHealth, ControlRequest, ControlResponse, MountStatus};
 use handover_proto::fdpass;
 use handover_proto::message::{Generation, ToClient, ToSupervisor};
 use nix::errno::Errno;
@@ -37,7 +37,8 @@ use nix::sys::signal::Signal;
 use nix::sys::signalfd::SignalFd;
 
 use super::{
-    Action, ClientInfo, ClientOptions, ExitInfo, Machine, Outcome, PhaseKind, Timestamp, Timings, UpgradeRequest,
+    Action, ClientInfo, ClientOptions, ExitInfo, Machine, Outcome, PhaseKind, Timestamp, Timings,
+    UpgradeRequest,
 };
 use crate::control::{ControlConn, ControlServer};
 use crate::metrics::{self, MetricsServer};
@@ -158,8 +159,9 @@ enum End {
     Signal(Signal),
     /// The connection ended from outside.
     Gone,
-    /// No client can serve.
-    Lost(String),
+    /// A new supervisor supervises the mount (`baton upgrade --supervisor`): answer and
+    /// exit, leaving the client, the control socket and the mount to it.
+    Replaced(ControlConn, Box<ControlResponse>),
 }
 
 /// The running mount.
@@ -237,7 +239,7 @@ impl Driver {
         MountStatus {
             mountpoint: self.facts.mountpoint.clone(),
             volume: self.facts.volume.clone(),
-            meta_url: self.facts.meta_url.clone(),
+            meta_url: fsclient::data::redact(&self.facts.meta_url),
             supervisor_pid: std::process::id(),
             generation: serving.generation,
             client_pid: self
@@ -259,11 +261,54 @@ impl Driver {
         }
     }
 
+    /// What the client is doing beyond the counters: a restart in progress, the last
+    /// crash.
+    pub fn health(&self) -> ClientHealth {
+        let now = monotonic_now();
+        let stats = self.machine.stats();
+        let phase = self.machine.phase();
+        let restart = self.machine.restart_view();
+        let reason = restart.as_ref().map(|r| {
+            let mut s = r.reason.clone();
+            if let Some(f) = &r.last_failure {
+                s.push_str(&format!("; attempt {} failed: {f}", r.attempts));
+            }
+            match r.next_attempt {
+                Some(t) => s.push_str(&format!(
+                    "; attempt {} of {} in {:.1}s",
+                    r.attempts + 1,
+                    r.binary.display(),
+                    t.saturating_since(now).as_secs_f64()
+                )),
+                None => s.push_str(&format!(
+                    "; attempt {} of {} under way",
+                    r.attempts,
+                    r.binary.display()
+                )),
+            }
+            s
+        });
+        ClientHealth {
+            state: phase.as_str().to_string(),
+            reason,
+            restart_attempts: restart.as_ref().map_or(0, |r| r.attempts),
+            next_attempt_ms: restart
+                .as_ref()
+                .and_then(|r| r.next_attempt)
+                .map(|t| u64::try_from(t.saturating_since(now).as_millis()).unwrap_or(u64::MAX)),
+            last_crash: stats.last_crash.clone(),
+            last_crash_pause_us: stats
+                .last_crash_pause
+                .map(|p| u64::try_from(p.as_micros()).unwrap_or(u64::MAX)),
+        }
+    }
+
     fn publish(&self) {
         if let Some(m) = &self.metrics {
             m.publish(metrics::Snapshot {
                 status: self.status(),
                 state: self.machine.phase().as_str(),
+                health: self.health(),
             });
         }
     }
@@ -273,10 +318,7 @@ impl Driver {
         let end = loop {
             self.publish();
             if let Some((sig, deadline)) = self.stopping {
-                let idle = matches!(
-                    self.machine.phase(),
-                    PhaseKind::Idle | PhaseKind::Lost | PhaseKind::Ended
-                );
+                let idle = matches!(self.machine.phase(), PhaseKind::Idle | PhaseKind::Ended);
                 if idle || Instant::now() >= deadline {
                     break End::Signal(sig);
                 }
@@ -397,7 +439,11 @@ impl Driver {
             tracing::warn!(signal = %sig, "already stopping");
             return None;
         }
-        if self.machine.phase() == PhaseKind::Idle {
+        // Nothing serves during restarts: there is nothing to wait for.
+        if matches!(
+            self.machine.phase(),
+            PhaseKind::Idle | PhaseKind::Restarting
+        ) {
             return Some(End::Signal(sig));
         }
         tracing::info!(signal = %sig, "stopping once the upgrade in progress has ended");
@@ -538,7 +584,6 @@ impl Driver {
                     );
                     end = end.or(Some(End::Gone));
                 }
-                Action::Lost { reason } => end = end.or(Some(End::Lost(reason))),
             }
         }
         end
@@ -612,6 +657,10 @@ impl Driver {
         tracing::info!(?request, uid = conn.uid, pid = conn.pid, "control request");
         let response = match request {
             ControlRequest::Status => ControlResponse::Status(self.status()),
+            ControlRequest::Health => ControlResponse::Health {
+                status: self.status(),
+                health: self.health(),
+            },
             ControlRequest::Upgrade {
                 binary,
                 timeout_ms,
@@ -646,8 +695,18 @@ impl Driver {
                     }
                 }
             }
+            ControlRequest::UpgradeSupervisor { binary, timeout_ms } => {
+                match self.replace_supervisor(&binary, Duration::from_millis(timeout_ms.max(1))) {
+                    Ok(response) => return Some(End::Replaced(conn, Box::new(response))),
+                    Err(message) => ControlResponse::Error { message },
+                }
+            }
             ControlRequest::Umount { lazy } => {
-                if self.machine.phase() != PhaseKind::Idle {
+                // During restarts the mount may go: the attempt under way is stopped.
+                if !matches!(
+                    self.machine.phase(),
+                    PhaseKind::Idle | PhaseKind::Restarting
+                ) {
                     ControlResponse::Error {
                         message: format!(
                             "cannot unmount while the client is {}; try again when it has finished",
@@ -677,6 +736,88 @@ impl Driver {
         None
     }
 
+    /// `baton upgrade --supervisor`: hands the mount to a new supervisor process
+    /// ([`crate::replace`]). `Ok`: it supervises the mount, this one must exit. `Err`: why
+    /// not; this supervisor serves on (with its client adopted back if it had let go).
+    fn replace_supervisor(
+        &mut self,
+        binary: &std::path::Path,
+        timeout: Duration,
+    ) -> Result<ControlResponse, String> {
+        if self.stopping.is_some() {
+            return Err("the supervisor is stopping".into());
+        }
+        if self.machine.phase() != PhaseKind::Idle {
+            return Err(format!(
+                "cannot replace the supervisor while the client is {}; try again when it has finished",
+                self.machine.phase().as_str()
+            ));
+        }
+        let new_version = crate::replace::probe_version(binary).map_err(|e| chain(&e))?;
+        let serving = self.machine.serving().generation;
+        let Some(client) = self.clients.get(&serving) else {
+            return Err("no client serves".into());
+        };
+        let span = tracing::info_span!("replace-supervisor", binary = %binary.display());
+        let _entered = span.enter();
+        channel::send(client.process.channel().as_fd(), &ToClient::Detach, &[]).map_err(|e| {
+            format!(
+                "cannot ask the client to wait for a new supervisor: {}",
+                chain(&e)
+            )
+        })?;
+        match crate::replace::start_successor(binary, self.control.fd(), timeout) {
+            Ok(new_pid) => {
+                tracing::info!(new_pid, %new_version, "the new supervisor supervises the mount; exiting");
+                Ok(ControlResponse::SupervisorUpgraded {
+                    old_pid: std::process::id(),
+                    new_pid,
+                    new_version,
+                })
+            }
+            Err(e) => {
+                let reason = chain(&e);
+                tracing::warn!(%reason, "the new supervisor failed: taking the client back");
+                Err(format!("{reason}; {}", self.adopt_back(serving)))
+            }
+        }
+    }
+
+    /// After a failed supervisor replacement: adopts the serving client back (it waits on
+    /// its adopt socket). Returns what happened, for the operator.
+    fn adopt_back(&mut self, serving: Generation) -> String {
+        let home = crate::home::Home::new(self.machine.serving().spec.home.clone());
+        match crate::adopt::adopt(&home, &self.facts.mountpoint, Duration::from_secs(10)) {
+            Ok(Some(adopted)) => {
+                let channel = adopted.client.channel().try_clone();
+                let pid = adopted.client.pid();
+                adopted.client.release();
+                match (channel, self.clients.get_mut(&serving)) {
+                    (Ok(ch), Some(c)) if c.process.pid() == pid => {
+                        if let Err(e) = nix::fcntl::fcntl(
+                            &ch,
+                            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+                        ) {
+                            tracing::warn!(error = %e, "cannot make the client channel non-blocking");
+                        }
+                        c.process.replace_channel(ch);
+                        c.open = true;
+                        c.queue.clear();
+                        tracing::info!("the client is supervised by this supervisor again");
+                        "this supervisor serves on".into()
+                    }
+                    (Err(e), _) => format!("cannot keep the client's channel ({e}): the client serves without a supervisor; run `baton mount` again"),
+                    _ => "another client answered on the adopt socket: run `baton mount` again".into(),
+                }
+            }
+            Ok(None) => "the client does not answer on its adopt socket; it serves without a supervisor until `baton mount` runs again".into(),
+            Err(e) => format!(
+                "cannot adopt the client back ({}); it serves without a supervisor until `baton mount` runs again",
+                chain(&e)
+            ),
+        }
+    }
+
     /// Ends the mount: every client but the serving one is killed; the serving one
     /// flushes and exits; the descriptor is closed last.
     fn end(mut self, end: End) -> Result<(), SuperviseError> {
@@ -686,10 +827,15 @@ impl Driver {
             });
         }
         let result = match end {
-            End::Lost(reason) => {
-                let _ = mount::umount(&self.facts.mountpoint, true);
-                self.kill_all();
-                return Err(SuperviseError::Lost { reason });
+            End::Replaced(conn, response) => {
+                self.control.keep_file();
+                for (_, c) in std::mem::take(&mut self.clients) {
+                    c.process.release();
+                }
+                if let Err(e) = conn.respond(&response) {
+                    tracing::warn!(error = %chain(&e), "cannot answer `baton upgrade --supervisor`");
+                }
+                return Ok(());
             }
             End::Signal(sig) => {
                 tracing::info!(signal = %sig, "stopping: detaching the mount");

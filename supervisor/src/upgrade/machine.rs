@@ -17,7 +17,13 @@
 //!     fails ──> Restarting: the previous binary, same session, the kept state, Init,
 //!     InitReply ──> [WriteResend] Serve ──> Confirming ──> Idle (RolledBack if an upgrade
 //!     waits); a failed attempt is killed and retried with backoff, without end
-//!  the serving client dies with no complete state to restart from ──> Lost
+//!  the serving client dies outside an upgrade (a crash), or the old one dies during an
+//!     upgrade before its state is whole ──> Restarting without a state: the serving
+//!     binary, same session, Init only (the successor rebuilds handles from their
+//!     numbers) ──> [WriteResend] Serve ──> Idle, the successor on probation: if it dies
+//!     within it, the next attempt waits longer (0, 100 ms, 200 ms ... 5 s). A `baton
+//!     upgrade` during the restarts replaces the binary of the next attempt and is
+//!     answered `Upgraded` once a client of it serves
 //!  SessionEnded from a serving client ──> Ended
 //! ```
 //!
@@ -57,7 +63,8 @@ struct Snapshot {
 /// is still close to the truth); after `until` the state is dropped.
 #[derive(Debug)]
 struct Probation {
-    snapshot: Arc<Snapshot>,
+    /// `None` after a crash restart (there was no state to keep).
+    snapshot: Option<Arc<Snapshot>>,
     /// The client whose binary, spec and session a restart reuses.
     base: ClientInfo,
     until: Timestamp,
@@ -138,11 +145,13 @@ struct Rollback {
     assembling: Option<(u16, Assembler)>,
 }
 
-/// Starting another client from a saved state, after the one that should serve died.
+/// Starting another client, after the one that should serve died: from a saved state,
+/// or (after a crash) from none.
 #[derive(Debug)]
 struct Restart {
     reason: String,
-    snapshot: Arc<Snapshot>,
+    /// `None`: a crash restart; the successor takes over with empty tables.
+    snapshot: Option<Arc<Snapshot>>,
     /// The client whose binary, spec and session are reused.
     base: ClientInfo,
     attempts: u32,
@@ -150,6 +159,22 @@ struct Restart {
     step: RestartStep,
     /// The upgrade still to be answered, if any.
     report: Option<Box<Upgrade>>,
+    /// When the client that should serve died: the pause of a crash starts there.
+    since: Timestamp,
+    /// A `baton upgrade` that came during the restarts (its binary is `base.binary`).
+    requested: Option<Requested>,
+}
+
+/// A `baton upgrade` accepted while restarting, answered when a client of its binary
+/// serves.
+#[derive(Debug)]
+struct Requested {
+    started: Timestamp,
+    /// The client that died (the "old" side of the report).
+    old: ClientInfo,
+    /// What the restarts ran before the request: they go back to it if the requested
+    /// binary cannot serve either.
+    previous: ClientInfo,
 }
 
 #[derive(Debug)]
@@ -192,7 +217,6 @@ enum Phase {
     Upgrading(Box<Upgrade>),
     RollingBack(Box<Rollback>),
     Restarting(Box<Restart>),
-    Lost { reason: String },
     Ended,
 }
 
@@ -282,7 +306,7 @@ impl Machine {
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         let phase = match &self.phase {
             Phase::Idle => self.probation.as_ref().map(|p| p.until),
-            Phase::Lost { .. } | Phase::Ended => None,
+            Phase::Ended => None,
             Phase::Upgrading(up) => match up.step {
                 Step::Committing => None,
                 Step::Confirming { until, .. } => Some(until),
@@ -319,7 +343,6 @@ impl Machine {
             Phase::Upgrading(_) => PhaseKind::Upgrading,
             Phase::RollingBack(_) => PhaseKind::RollingBack,
             Phase::Restarting(_) => PhaseKind::Restarting,
-            Phase::Lost { .. } => PhaseKind::Lost,
             Phase::Ended => PhaseKind::Ended,
         }
     }
@@ -335,16 +358,7 @@ impl Machine {
         match &self.phase {
             Phase::Idle => {}
             Phase::Upgrading(_) | Phase::RollingBack(_) => return Err(RequestRefused::InProgress),
-            Phase::Restarting(r) => {
-                return Err(RequestRefused::Restarting {
-                    reason: r.reason.clone(),
-                });
-            }
-            Phase::Lost { reason } => {
-                return Err(RequestRefused::Lost {
-                    reason: reason.clone(),
-                });
-            }
+            Phase::Restarting(_) => return self.request_while_restarting(now, req),
             Phase::Ended => return Err(RequestRefused::Ended),
         }
         // A new handover makes a new state; the one kept for the last is dropped.
@@ -540,23 +554,6 @@ impl Machine {
         Phase::Ended
     }
 
-    fn lost(&mut self, reason: String, up: Option<&Upgrade>) -> Phase {
-        tracing::error!(%reason, "no client can serve the mount");
-        self.probation = None;
-        for g in self.alive.clone() {
-            self.kill(g);
-        }
-        if up.is_some() {
-            self.report(Outcome::Failed {
-                message: format!("{reason}; the mount was lost"),
-            });
-        }
-        self.actions.push_back(Action::Lost {
-            reason: reason.clone(),
-        });
-        Phase::Lost { reason }
-    }
-
     // --- transitions ----------------------------------------------------------------
 
     fn step(&mut self, now: Timestamp, input: Input) {
@@ -566,7 +563,7 @@ impl Machine {
             (Phase::Upgrading(up), input) => self.on_upgrading(now, up, input),
             (Phase::RollingBack(rb), input) => self.on_rolling_back(now, rb, input),
             (Phase::Restarting(r), input) => self.on_restarting(now, r, input),
-            (p @ Phase::Lost { .. }, _) | (p @ Phase::Ended, _) => p,
+            (p @ Phase::Ended, _) => p,
         };
     }
 
@@ -587,7 +584,8 @@ impl Machine {
                 | ToSupervisor::Frozen { .. }
                 | ToSupervisor::FreezeFailed { .. }
                 | ToSupervisor::Thawed
-                | ToSupervisor::FirstServed { .. } => {
+                | ToSupervisor::FirstServed { .. }
+                | ToSupervisor::Adopted(_) => {
                     tracing::debug!(message = %short(&msg), "ignoring a message from the serving client");
                     Phase::Idle
                 }
@@ -602,11 +600,12 @@ impl Machine {
                         "the client (generation {g}) exited ({exit}) within {:?} of taking over",
                         self.timings.probation
                     );
+                    self.stats.last_crash = Some(reason.clone());
                     self.restart_on_probation(now, p, reason)
                 }
-                None => self.lost(
+                None => self.crash_restart(
+                    now,
                     format!("the client (generation {g}) exited unexpectedly ({exit})"),
-                    None,
                 ),
             },
             Input::Timeout => {

@@ -16,6 +16,6 @@ mod tests;
 
 pub use machine::Machine;
 pub use types::{
-    Action, ClientInfo, ClientOptions, ExitInfo, Outcome, PhaseKind, RequestRefused, Stats,
-    Timestamp, Timings, UpgradeRequest,
+    Action, ClientInfo, ClientOptions, ExitInfo, Outcome, PhaseKind, RequestRefused, RestartView,
+    Stats, Timestamp, Timings, UpgradeRequest,
 };

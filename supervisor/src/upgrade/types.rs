@@ -86,8 +86,6 @@ pub enum RequestRefused {
     InProgress,
     #[error("the client is being restarted ({reason}); try again once it serves")]
     Restarting { reason: String },
-    #[error("the mount has no client any more: {reason}")]
-    Lost { reason: String },
     #[error("the mount is shutting down")]
     Ended,
 }
@@ -150,9 +148,6 @@ pub enum Action {
     Report(Outcome),
     /// The FUSE connection ended (unmounted from outside): stop.
     MountGone { error: Option<String> },
-    /// No client can serve the mount any more (a client died and there is no state to
-    /// start another from).
-    Lost { reason: String },
 }
 
 /// Timings of the machine; the defaults are the production values.
@@ -172,14 +167,17 @@ pub struct Timings {
     pub thaw_timeout: Duration,
     /// Bound on one restart attempt, from spawn to its INIT reply.
     pub restart_timeout: Duration,
-    /// Wait before the first restart attempt after a failed one; doubles up to the max.
+    /// Wait before the restart attempt that follows a failed one (the first attempt after
+    /// a crash starts at once); doubles up to the max.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     /// Failed restart attempts after which a waiting `baton upgrade` gets its answer
     /// (restarts go on).
     pub report_after_attempts: u32,
     /// How long after taking over a client is on probation: if it dies, its
-    /// predecessor's binary is restarted from the state handed over (kept until then).
+    /// predecessor's binary is restarted from the state handed over (kept until then);
+    /// after a crash restart, its death within the probation counts towards the crash
+    /// loop's backoff unless it had answered a request.
     pub probation: Duration,
 }
 
@@ -192,7 +190,7 @@ impl Default for Timings {
             thaw_timeout: Duration::from_secs(10),
             restart_timeout: Duration::from_secs(120),
             backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(5),
             report_after_attempts: 3,
             probation: Duration::from_secs(30),
         }
@@ -209,6 +207,29 @@ pub struct Stats {
     /// Pause of the last upgrade (0 when it rolled back before the freeze).
     pub last_pause: Option<Duration>,
     pub last_rollback: Option<String>,
+    /// Why the last client that served died without being asked to.
+    pub last_crash: Option<String>,
+    /// From the death of the last crashed client to the first request its successor
+    /// answered (or to `Serve` if none came).
+    pub last_crash_pause: Option<Duration>,
+}
+
+/// A restart in progress, for status: why, how far, and when the next attempt starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestartView {
+    /// Why a client is being started (the death that caused it).
+    pub reason: String,
+    /// Attempts started so far (the current one included).
+    pub attempts: u32,
+    /// Why the last attempt failed, if one did.
+    pub last_failure: Option<String>,
+    /// When the next attempt starts (`None`: one is under way).
+    pub next_attempt: Option<Timestamp>,
+    /// The binary the next (or current) attempt runs.
+    pub binary: PathBuf,
+    /// Whether the restart has the state a predecessor handed over (else handles and
+    /// lookups are rebuilt lazily).
+    pub with_state: bool,
 }
 
 /// What the machine is doing, for status.
@@ -218,7 +239,6 @@ pub enum PhaseKind {
     Upgrading,
     RollingBack,
     Restarting,
-    Lost,
     Ended,
 }
 
@@ -229,7 +249,6 @@ impl PhaseKind {
             PhaseKind::Upgrading => "upgrading",
             PhaseKind::RollingBack => "rolling back",
             PhaseKind::Restarting => "restarting",
-            PhaseKind::Lost => "lost",
             PhaseKind::Ended => "ended",
         }
     }

@@ -8,7 +8,12 @@
 use std::process::ExitCode;
 
 use fsclient::client::{self, BuildInfo};
+use fsclient::fuse::prefault::PrefaultingAlloc;
 use upgrade_tests::inject::{self, ALT_ONLY_CAPABILITY};
+
+/// Like `baton-fs`: fuser's request buffers stay resident (`fsclient::fuse::prefault`).
+#[global_allocator]
+static ALLOC: PrefaultingAlloc = PrefaultingAlloc;
 
 fn main() -> ExitCode {
     let (alt, faults) = match inject::from_env() {

@@ -66,6 +66,23 @@ const SESSIONS: &[u8] = b"sessions";
 const DEAD_SLICES: &[u8] = b"deadSlices";
 const DEAD_SLICE_INFO: &[u8] = b"deadSliceInfo";
 
+/// Deletes a session's request records below a unique: KEYS[1] the session's index
+/// (`reqs{sid}`), ARGV[1] the record key prefix (`req{sid}_`), ARGV[2] the exclusive upper
+/// bound as a score (`(N`). Runs inside MULTI like any queued write. Scores are doubles,
+/// exact below 2^53: kernel uniques stay far below that.
+const DEL_REQUESTS_LUA: &str = r"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+for _, id in ipairs(ids) do
+  redis.call('DEL', ARGV[1] .. id)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+return #ids
+";
+
+fn request_key(sid: SessionId, unique: u64) -> Vec<u8> {
+    format!("req{}_{unique}", sid.0).into_bytes()
+}
+
 /// The sorted-set score of a dead slice: its time in whole milliseconds, which a double
 /// holds exactly for every i64 nanosecond value.
 fn dead_score(t: Timestamp) -> i64 {
@@ -591,6 +608,27 @@ impl Tx for RedisTx<'_> {
     fn del_dead_slice(&mut self, id: u64) -> Result<()> {
         self.queue(Cmd::zrem(DEAD_SLICES, id))?;
         self.queue(Cmd::hdel(DEAD_SLICE_INFO, id))
+    }
+
+    fn request(&mut self, sid: SessionId, unique: u64) -> Result<Option<Vec<u8>>> {
+        // Its own key, WATCHed like any read: no conflict with the session's other
+        // requests, which only add keys of their own.
+        self.get(request_key(sid, unique))
+    }
+
+    fn set_request(&mut self, sid: SessionId, unique: u64, outcome: &[u8]) -> Result<()> {
+        self.set(request_key(sid, unique), outcome.to_vec())?;
+        self.queue(Cmd::zadd(key("reqs", sid.0), unique, unique))
+    }
+
+    fn del_requests(&mut self, sid: SessionId, below: u64) -> Result<()> {
+        let mut eval = ::redis::cmd("EVAL");
+        eval.arg(DEL_REQUESTS_LUA)
+            .arg(1)
+            .arg(key("reqs", sid.0))
+            .arg(format!("req{}_", sid.0))
+            .arg(format!("({below}"));
+        self.queue(eval)
     }
 }
 

@@ -166,7 +166,8 @@ impl Machine {
                 | ToSupervisor::Frozen { .. }
                 | ToSupervisor::FreezeFailed { .. }
                 | ToSupervisor::Thawed
-                | ToSupervisor::FirstServed { .. }),
+                | ToSupervisor::FirstServed { .. }
+                | ToSupervisor::Adopted(_)),
             ) => {
                 tracing::warn!(message = %short(&msg), waiting_for = step.name(), "ignoring an unexpected message from the old client");
                 up.step = step;
@@ -261,7 +262,8 @@ impl Machine {
                 | ToSupervisor::Frozen { .. }
                 | ToSupervisor::FreezeFailed { .. }
                 | ToSupervisor::Thawed
-                | ToSupervisor::FirstServed { .. }),
+                | ToSupervisor::FirstServed { .. }
+                | ToSupervisor::Adopted(_)),
             ) => {
                 let reason = format!(
                     "protocol error: the new client sent {} while the supervisor waited for {}",
@@ -329,7 +331,7 @@ impl Machine {
                 let reason = format!(
                     "the client (generation {old}) exited unexpectedly ({exit}) during an upgrade, before it handed over its state"
                 );
-                self.lost(reason, Some(&up))
+                self.restart(now, up, reason)
             }
         }
     }
@@ -385,7 +387,7 @@ impl Machine {
         self.report(Outcome::Upgraded(report));
         if let Some(snapshot) = up.snapshot.clone() {
             self.probation = Some(Probation {
-                snapshot,
+                snapshot: Some(snapshot),
                 base: up.old.clone(),
                 until: now + self.timings.probation,
                 attempts: 0,
@@ -477,11 +479,7 @@ impl Machine {
                 let Rollback { mut up, reason, .. } = *rb;
                 up.old_alive = false;
                 let reason = format!("{reason}; then the old client exited ({exit}) while thawing");
-                if up.snapshot.is_some() {
-                    self.restart(now, up, reason)
-                } else {
-                    self.lost(reason, Some(&up))
-                }
+                self.restart(now, up, reason)
             }
             Input::Timeout if now >= rb.thaw_until => {
                 let Rollback { up, reason, .. } = *rb;

@@ -140,7 +140,10 @@ fn pause_is_until_serve_when_no_request_comes() {
         "no virtual time passed between the freeze and Serve"
     );
     // The report waits for the confirmation window.
-    assert_eq!(r.total_us, Timings::default().confirm_window.as_micros() as u64);
+    assert_eq!(
+        r.total_us,
+        Timings::default().confirm_window.as_micros() as u64
+    );
 }
 
 #[test]
@@ -313,18 +316,35 @@ fn old_client_faults_before_the_freeze_roll_back() {
                 let reason = r.reason.clone().unwrap_or_default();
                 assert!(reason.contains(needle), "{point:?} {fault:?}: {reason}");
             }
-            // A failing old client exits after its Failed: nothing to serve from.
-            [Outcome::Failed { message }] if fault == Fault::Fail && point == Point::PreFlush => {
-                assert!(message.contains("lost"), "{message}");
-            }
             other => panic!("{point:?} {fault:?}: {other:?}"),
         }
         assert!(!sim.fake(2).alive, "the new client is stopped");
+        assert_eq!(sim.phase(), PhaseKind::Idle);
     }
 }
 
 #[test]
-fn old_client_dying_before_its_state_is_whole_loses_the_mount_and_says_so() {
+fn old_client_failing_and_exiting_before_the_freeze_is_restarted_without_a_state() {
+    let mut sim = Sim::new(
+        Script::ack("1.0").with_fault(Point::PreFlush, Fault::Fail),
+        true,
+    );
+    sim.request(Some(NEW_BINARY), false).expect("request");
+    sim.run(LONG);
+    assert!(
+        matches!(sim.reports().as_slice(), [Outcome::RolledBack(_)]),
+        "{:?}",
+        sim.reports()
+    );
+    assert!(!sim.fake(2).alive, "the new client is stopped");
+    assert_eq!(sim.phase(), PhaseKind::Idle);
+    let serving = sim.m.serving().generation;
+    assert_eq!(sim.fakes[&serving].binary.to_str(), Some(OLD_BINARY));
+    assert!(sim.fakes[&serving].got_state.is_empty());
+}
+
+#[test]
+fn old_client_dying_before_its_state_is_whole_is_restarted_without_a_state() {
     for point in [Point::PreFlush, Point::Freeze, Point::MidState] {
         let old = Script {
             state_len: 2 * handover_proto::state::CHUNK_BYTES,
@@ -333,12 +353,25 @@ fn old_client_dying_before_its_state_is_whole_loses_the_mount_and_says_so() {
         let mut sim = Sim::new(old.with_fault(point, Fault::Crash), true);
         sim.request(Some(NEW_BINARY), false).expect("request");
         sim.run(LONG);
-        assert_eq!(sim.phase(), PhaseKind::Lost, "{point:?}");
-        assert!(
-            matches!(sim.reports().as_slice(), [Outcome::Failed { message }] if message.contains("exited unexpectedly"))
-        );
+        assert_eq!(sim.phase(), PhaseKind::Idle, "{point:?}");
+        match sim.reports().as_slice() {
+            [Outcome::RolledBack(r)] => {
+                let reason = r.reason.clone().unwrap_or_default();
+                assert!(
+                    reason.contains("exited unexpectedly"),
+                    "{point:?}: {reason}"
+                );
+                assert!(reason.contains("without a state"), "{point:?}: {reason}");
+            }
+            other => panic!("{point:?}: {other:?}"),
+        }
         assert!(!sim.fake(2).alive);
-        assert!(sim.seen.iter().any(|s| matches!(s, Seen::Lost(_))));
+        // Generation 3, of the old binary, took over with empty tables.
+        let serving = sim.m.serving().generation;
+        assert_eq!(serving, Generation(3), "{point:?}");
+        assert_eq!(sim.fakes[&serving].binary.to_str(), Some(OLD_BINARY));
+        assert!(sim.fakes[&serving].got_state.is_empty());
+        assert!(sim.seen.contains(&Seen::Resend));
     }
 }
 
@@ -448,18 +481,12 @@ fn failing_restarts_back_off_keep_the_mount_and_answer_the_upgrade() {
     assert!(
         matches!(sim.reports().as_slice(), [Outcome::Failed { message }] if message.contains("restarts go on"))
     );
-    assert!(
-        sim.request(None, false)
-            .unwrap_err()
-            .contains("being restarted")
-    );
     // Backoff: 100, 200, 400, 800 ms between attempts 1..5; the fifth one works.
     sim.run(LONG);
     assert_eq!(sim.phase(), PhaseKind::Idle);
     assert_eq!(sim.m.serving().generation, Generation(7));
     assert_eq!(sim.m.stats().restarts, 5);
     assert_eq!(sim.reports().len(), 1, "the upgrade was answered once");
-    assert!(!sim.seen.iter().any(|s| matches!(s, Seen::Lost(_))));
 }
 
 #[test]
@@ -506,12 +533,252 @@ fn session_end_during_an_upgrade_answers_and_stops() {
 }
 
 #[test]
-fn serving_client_crash_outside_an_upgrade_is_reported_lost() {
+fn serving_client_crash_outside_an_upgrade_restarts_it_at_once_without_a_state() {
     let mut sim = Sim::new(Script::ack("1.0"), true);
     sim.crash(Generation(1));
-    sim.run(LONG);
-    assert_eq!(sim.phase(), PhaseKind::Lost);
+    let t0 = sim.now;
+    sim.settle();
+    assert_eq!(sim.phase(), PhaseKind::Idle);
+    // No backoff before the first attempt (FirstServed came 700 µs after Serve).
+    assert!(sim.now <= t0 + Duration::from_millis(1), "{:?}", sim.now);
+    assert_eq!(sim.m.serving().generation, Generation(2));
+    assert_eq!(sim.fake(2).binary.to_str(), Some(OLD_BINARY));
+    assert!(sim.fake(2).got_state.is_empty());
+    // Start (same session, checked by the sim), Init with the fd, RESEND, Serve.
+    let to_2: Vec<&str> = sim
+        .seen
+        .iter()
+        .filter_map(|s| match s {
+            Seen::Sent(g, n) if *g == Generation(2) => Some(*n),
+            Seen::Resend => Some("RESEND"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(to_2, vec!["Init", "RESEND", "Serve"]);
     assert!(sim.reports().is_empty());
+    let stats = sim.m.stats();
+    assert_eq!(stats.restarts, 1);
+    assert!(
+        stats
+            .last_crash
+            .as_deref()
+            .is_some_and(|c| c.contains("SIGKILL")),
+        "{stats:?}"
+    );
+    // FirstServed came 700 µs after Serve.
+    assert_eq!(stats.last_crash_pause, Some(Duration::from_micros(700)));
+}
+
+#[test]
+fn without_resend_a_crash_restart_serves_without_writing_it() {
+    let mut sim = Sim::new(Script::ack("1.0"), false);
+    sim.crash(Generation(1));
+    sim.run(LONG);
+    assert_eq!(sim.m.serving().generation, Generation(2));
+    assert!(!sim.seen.contains(&Seen::Resend));
+}
+
+#[test]
+fn a_crash_loop_backs_off_and_says_why() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    for _ in 0..4 {
+        sim.scripts
+            .push_back(Script::ack("1.0").with_fault(Point::Start, Fault::Crash));
+    }
+    sim.crash(Generation(1));
+    sim.settle();
+    // Attempt 1 failed at once; attempt 2 waits 100 ms.
+    let view = sim.m.restart_view().expect("restarting");
+    assert_eq!(view.attempts, 1);
+    assert!(!view.with_state);
+    assert!(view.reason.contains("killed by SIGKILL"), "{view:?}");
+    assert!(
+        view.last_failure
+            .as_deref()
+            .is_some_and(|f| f.contains("killed by SIGSEGV")),
+        "{view:?}"
+    );
+    assert_eq!(
+        view.next_attempt,
+        Some(sim.now + Duration::from_millis(100))
+    );
+    // 100, 200, 400, 800 ms: the fifth attempt serves.
+    let t0 = sim.now;
+    sim.run(LONG);
+    assert_eq!(sim.phase(), PhaseKind::Idle);
+    assert!(sim.m.restart_view().is_none());
+    assert_eq!(sim.m.serving().generation, Generation(6));
+    assert_eq!(sim.m.stats().restarts, 5);
+    assert!(sim.now >= t0 + Duration::from_millis(1500));
+    assert!(sim.reports().is_empty());
+}
+
+#[test]
+fn the_backoff_is_capped_and_requests_wait_without_end() {
+    let timings = Timings::default();
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    for _ in 0..12 {
+        sim.scripts
+            .push_back(Script::ack("1.0").with_fault(Point::Start, Fault::Crash));
+    }
+    sim.crash(Generation(1));
+    sim.run(Duration::from_secs(20));
+    let view = sim.m.restart_view().expect("still restarting");
+    let wait = view
+        .next_attempt
+        .expect("waiting")
+        .saturating_since(sim.now);
+    assert!(wait <= timings.backoff_max, "{wait:?}");
+    sim.run(LONG);
+    assert_eq!(sim.phase(), PhaseKind::Idle);
+    assert_eq!(sim.m.stats().restarts, 13);
+}
+
+#[test]
+fn a_client_dying_soon_after_a_crash_restart_waits_longer() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    // Generation 2 serves no request before it dies: a crash loop.
+    sim.scripts.push_back(Script {
+        first_request_after: None,
+        ..Script::ack("1.0")
+    });
+    sim.crash(Generation(1));
+    sim.run(Duration::from_secs(1));
+    assert_eq!(sim.m.serving().generation, Generation(2));
+    sim.advance(Duration::from_secs(2));
+    sim.crash(Generation(2));
+    sim.settle();
+    let view = sim.m.restart_view().expect("restarting");
+    assert_eq!(
+        view.next_attempt,
+        Some(sim.now + Duration::from_millis(100)),
+        "a quick failure"
+    );
+    sim.run(LONG);
+    assert_eq!(sim.m.serving().generation, Generation(3));
+    // Long after the probation, a crash restarts at once again.
+    sim.run(Duration::from_secs(120));
+    sim.crash(Generation(3));
+    let t = sim.now;
+    sim.settle();
+    assert_eq!(sim.m.serving().generation, Generation(4));
+    assert!(sim.now <= t + Duration::from_millis(1), "no backoff");
+}
+
+#[test]
+fn a_restarted_client_that_served_and_is_killed_again_is_replaced_at_once() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    for k in 1..=20u64 {
+        sim.crash(Generation(k));
+        let t = sim.now;
+        sim.settle();
+        assert_eq!(sim.m.serving().generation, Generation(k + 1));
+        assert!(
+            sim.now <= t + Duration::from_millis(1),
+            "kill {k}: a backoff"
+        );
+        sim.advance(Duration::from_millis(50));
+    }
+    assert_eq!(sim.m.stats().restarts, 20);
+}
+
+#[test]
+fn an_upgrade_during_a_crash_loop_runs_the_next_attempt_with_its_binary() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    for _ in 0..3 {
+        sim.scripts
+            .push_back(Script::ack("1.0").with_fault(Point::Start, Fault::Crash));
+    }
+    sim.crash(Generation(1));
+    sim.settle();
+    sim.run(Duration::from_millis(350));
+    let view = sim.m.restart_view().expect("restarting");
+    assert_eq!(view.attempts, 3);
+    assert!(view.next_attempt.is_some());
+    // The next attempt runs the new binary at once.
+    let t = sim.now;
+    sim.request(Some(NEW_BINARY), false)
+        .expect("accepted while restarting");
+    assert_eq!(
+        sim.m.restart_view().map(|v| v.binary),
+        Some(NEW_BINARY.into())
+    );
+    sim.settle();
+    assert!(sim.now <= t + Duration::from_millis(1), "no backoff");
+    assert_eq!(sim.phase(), PhaseKind::Idle);
+    let serving = sim.m.serving().clone();
+    assert_eq!(serving.binary.to_str(), Some(NEW_BINARY));
+    let r = upgraded(&sim);
+    assert_eq!(r.old_generation, Generation(1));
+    assert_eq!(r.new_generation, serving.generation);
+    assert_eq!(r.new_version, "2.0");
+    assert_eq!(sim.m.stats().upgrades, 1);
+    // A later crash restarts the new binary.
+    sim.run(Duration::from_secs(60));
+    sim.crash(serving.generation);
+    sim.run(LONG);
+    assert_eq!(sim.m.serving().binary.to_str(), Some(NEW_BINARY));
+}
+
+#[test]
+fn an_upgrade_during_a_restart_attempt_kills_it_and_starts_the_requested_binary() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    sim.scripts
+        .push_back(Script::ack("1.0").with_fault(Point::Start, Fault::Hang));
+    sim.crash(Generation(1));
+    sim.settle();
+    assert_eq!(sim.m.restart_view().map(|v| v.next_attempt), Some(None));
+    sim.request(Some(NEW_BINARY), false).expect("accepted");
+    assert!(sim.seen.contains(&Seen::Killed(Generation(2))));
+    sim.run(LONG);
+    assert_eq!(sim.m.serving().generation, Generation(3));
+    assert_eq!(sim.m.serving().binary.to_str(), Some(NEW_BINARY));
+    upgraded(&sim);
+}
+
+#[test]
+fn an_upgrade_to_a_binary_that_fails_too_is_answered_and_restarts_go_on() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    for _ in 0..8 {
+        sim.scripts
+            .push_back(Script::ack("1.0").with_fault(Point::Start, Fault::Crash));
+    }
+    sim.crash(Generation(1));
+    sim.settle();
+    sim.request(Some(NEW_BINARY), false).expect("accepted");
+    sim.run(Duration::from_secs(2));
+    assert!(
+        matches!(sim.reports().as_slice(), [Outcome::Failed { message }] if message.contains("restarts go on")),
+        "{:?}",
+        sim.reports()
+    );
+    assert_eq!(sim.phase(), PhaseKind::Restarting);
+    // Restarts go back to the binary they ran before the request.
+    assert_eq!(
+        sim.m.restart_view().map(|v| v.binary),
+        Some(OLD_BINARY.into())
+    );
+    sim.run(LONG);
+    assert_eq!(sim.phase(), PhaseKind::Idle);
+    assert_eq!(sim.m.serving().binary.to_str(), Some(OLD_BINARY));
+}
+
+#[test]
+fn an_upgrade_to_a_missing_binary_during_restarts_is_answered_at_once() {
+    let mut sim = Sim::new(Script::ack("1.0"), true);
+    sim.scripts
+        .push_back(Script::ack("1.0").with_fault(Point::Start, Fault::Crash));
+    sim.crash(Generation(1));
+    sim.settle();
+    sim.request(Some(MISSING_BINARY), false).expect("accepted");
+    assert!(
+        matches!(sim.reports().as_slice(), [Outcome::Failed { message }] if message.contains("cannot start")),
+        "{:?}",
+        sim.reports()
+    );
+    sim.run(LONG);
+    assert_eq!(sim.phase(), PhaseKind::Idle);
+    assert_eq!(sim.m.serving().binary.to_str(), Some(OLD_BINARY));
 }
 
 #[test]
@@ -572,11 +839,14 @@ fn a_successor_dying_on_probation_gives_way_to_the_previous_binary_and_later_not
     assert_eq!(sim.fake(3).got_state, sim.fake(1).export());
     assert_eq!(sim.m.stats().restarts, 1);
     assert_eq!(sim.reports().len(), 1, "nobody waits for an answer");
-    // The restarted client is on probation too; after it, a death loses the mount
-    // (restarts from a recovered state are the crash-recovery work).
+    // The restarted client is on probation too; after it, a death is a crash: the
+    // serving binary restarts without a state.
     sim.run(Duration::from_secs(60));
     assert_eq!(sim.m.poll_timeout(), None, "the state was dropped");
     sim.crash(Generation(3));
     sim.run(LONG);
-    assert_eq!(sim.phase(), PhaseKind::Lost);
+    assert_eq!(sim.phase(), PhaseKind::Idle);
+    assert_eq!(sim.m.serving().generation, Generation(4));
+    assert_eq!(sim.fake(4).binary.to_str(), Some(OLD_BINARY));
+    assert!(sim.fake(4).got_state.is_empty());
 }
