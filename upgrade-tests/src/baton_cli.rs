@@ -75,7 +75,17 @@ impl UpgradeOutcome {
 
 /// Runs `baton upgrade MOUNTPOINT --json ...` with `BATON_HOME=home`.
 pub fn upgrade(home: &Path, mountpoint: &Path, opts: &Upgrade) -> anyhow::Result<UpgradeOutcome> {
-    let mut cmd = Command::new(baton_bin());
+    upgrade_with(&baton_bin(), home, mountpoint, opts)
+}
+
+/// [`upgrade`] with the `baton` executable `baton`.
+pub fn upgrade_with(
+    baton: &Path,
+    home: &Path,
+    mountpoint: &Path,
+    opts: &Upgrade,
+) -> anyhow::Result<UpgradeOutcome> {
+    let mut cmd = Command::new(baton);
     cmd.arg("upgrade")
         .arg(mountpoint)
         .arg("--json")
@@ -92,7 +102,7 @@ pub fn upgrade(home: &Path, mountpoint: &Path, opts: &Upgrade) -> anyhow::Result
     let start = Instant::now();
     let out = cmd
         .output()
-        .with_context(|| format!("running {} upgrade", baton_bin().display()))?;
+        .with_context(|| format!("running {} upgrade", baton.display()))?;
     Ok(UpgradeOutcome {
         success: out.status.success(),
         code: out.status.code(),
@@ -115,6 +125,12 @@ pub struct Status {
     pub resend: bool,
     pub last_pause_us: Option<u64>,
     pub last_rollback: Option<String>,
+    /// `serving`, `upgrading`, `rolling back`, `restarting` (`None` from a supervisor
+    /// that does not report it).
+    pub state: Option<String>,
+    /// The pause of the last crash recovery the supervisor measured (crash to the first
+    /// request served).
+    pub last_crash_pause_us: Option<u64>,
     /// The whole document.
     pub json: serde_json::Value,
 }
@@ -131,6 +147,12 @@ fn number(v: &serde_json::Value) -> Option<u64> {
 
 impl Status {
     /// The supervisor's pid (0 if the status has none).
+    /// Whether the supervisor says a client serves (a supervisor that does not report
+    /// its state is taken to serve when it answers).
+    pub fn serving(&self) -> bool {
+        self.state.as_deref().is_none_or(|s| s == "serving")
+    }
+
     pub fn supervisor_pid(&self) -> u64 {
         self.json
             .get("supervisor_pid")
@@ -167,6 +189,8 @@ impl Status {
                 .get("last_rollback")
                 .and_then(|v| v.as_str())
                 .map(String::from),
+            state: json.get("state").and_then(|v| v.as_str()).map(String::from),
+            last_crash_pause_us: opt_num("last_crash_pause_us"),
             json,
         })
     }
@@ -174,7 +198,12 @@ impl Status {
 
 /// `baton status MOUNTPOINT --json`.
 pub fn status(home: &Path, mountpoint: &Path) -> anyhow::Result<Status> {
-    let out = Command::new(baton_bin())
+    status_with(&baton_bin(), home, mountpoint)
+}
+
+/// [`status`] with the `baton` executable `baton`.
+pub fn status_with(baton: &Path, home: &Path, mountpoint: &Path) -> anyhow::Result<Status> {
+    let out = Command::new(baton)
         .arg("status")
         .arg(mountpoint)
         .arg("--json")
