@@ -34,5 +34,8 @@ if [ ! -c /dev/fuse ]; then
     fi
 fi
 
+# etcd, kube-apiserver (built once, cached) and a Helm renderer for baton-csi's tests.
+bash scripts/k8s-test-deps.sh
+
 echo "== cargo test --workspace"
 exec cargo test --workspace --locked "$@"

@@ -2,6 +2,8 @@
 //! for one test run and stopped (killed and reaped) when dropped, even when a test fails.
 //! Never assumes a service is already running.
 
+#[cfg(feature = "kube")]
+pub mod kube;
 pub mod mount;
 pub mod redis;
 pub mod s3;

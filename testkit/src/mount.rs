@@ -68,7 +68,11 @@ impl TestMount {
     /// Mounts at `mountpoint` with `BATON_HOME=home` (both kept by the caller).
     pub fn at(home: &Path, mountpoint: &Path, opts: &MountOptions) -> anyhow::Result<TestMount> {
         std::fs::create_dir_all(mountpoint)?;
-        let mut args: Vec<String> = vec!["mount".into(), mountpoint.display().to_string(), "--background".into()];
+        let mut args: Vec<String> = vec![
+            "mount".into(),
+            mountpoint.display().to_string(),
+            "--background".into(),
+        ];
         if let Some(meta) = &opts.meta {
             args.push("--meta".into());
             args.push(meta.clone());
@@ -76,7 +80,12 @@ impl TestMount {
         args.extend(opts.args.iter().cloned());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = baton(home, &argv)?;
-        let m = TestMount { mountpoint: mountpoint.to_path_buf(), home: home.to_path_buf(), mounted: true, _dir: None };
+        let m = TestMount {
+            mountpoint: mountpoint.to_path_buf(),
+            home: home.to_path_buf(),
+            mounted: true,
+            _dir: None,
+        };
         if !out.status.success() {
             bail!(
                 "baton mount failed ({}): {}{}",
@@ -86,7 +95,10 @@ impl TestMount {
             );
         }
         if !is_mountpoint(mountpoint) {
-            bail!("baton mount returned but {} is not mounted", mountpoint.display());
+            bail!(
+                "baton mount returned but {} is not mounted",
+                mountpoint.display()
+            );
         }
         Ok(m)
     }
@@ -121,7 +133,10 @@ impl TestMount {
         }
         while is_mountpoint(&self.mountpoint) {
             if Instant::now() > deadline {
-                bail!("{} still mounted after baton umount", self.mountpoint.display());
+                bail!(
+                    "{} still mounted after baton umount",
+                    self.mountpoint.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -140,9 +155,15 @@ impl Drop for TestMount {
         if self.umount_inner().is_err() {
             // Last resort: detach the mount so the test machine is not left with it, and
             // stop this mount's supervisor and client (by pid, nothing else).
-            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
             for pid in pids {
-                let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+                let _ = Command::new("kill")
+                    .arg("-KILL")
+                    .arg(pid.to_string())
+                    .status();
             }
         }
     }
@@ -152,7 +173,9 @@ impl TestMount {
     /// The supervisor and client pids `baton status --json` reports for this mount.
     pub fn pids(&self) -> Vec<i32> {
         let mp = self.mountpoint.display().to_string();
-        let Ok(out) = baton(&self.home, &["status", &mp, "--json"]) else { return Vec::new() };
+        let Ok(out) = baton(&self.home, &["status", &mp, "--json"]) else {
+            return Vec::new();
+        };
         let text = String::from_utf8_lossy(&out.stdout);
         ["supervisor_pid", "client_pid"]
             .iter()
@@ -174,9 +197,12 @@ fn json_number(text: &str, key: &str) -> Option<u64> {
 
 /// Whether `path` is a mountpoint (in /proc/self/mountinfo).
 pub fn is_mountpoint(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let want = path.display().to_string();
-    info.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
 #[cfg(test)]
@@ -185,7 +211,8 @@ mod tests {
 
     #[test]
     fn reads_pids_from_status_json() {
-        let text = r#"{"mountpoint": "/m", "supervisor_pid": 1234, "client_pid":  99, "x": "client_pid"}"#;
+        let text =
+            r#"{"mountpoint": "/m", "supervisor_pid": 1234, "client_pid":  99, "x": "client_pid"}"#;
         assert_eq!(json_number(text, "supervisor_pid"), Some(1234));
         assert_eq!(json_number(text, "client_pid"), Some(99));
         assert_eq!(json_number(text, "missing"), None);

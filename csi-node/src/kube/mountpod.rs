@@ -1,0 +1,554 @@
+//! Mount pod mode: each backend's FUSE server runs in a pod on this node, so that it
+//! outlives any restart or upgrade of the `baton-csi` container.
+//!
+//! The mount pod (see [`mount_pod`]):
+//! - is pinned to the node (`spec.nodeName`), tolerates every taint, runs at
+//!   `system-node-critical` priority, has no service account token (it never talks to the
+//!   API server) and no service links;
+//! - runs `baton mount <state>/mnt/<backend>` in the foreground, privileged (it opens
+//!   /dev/fuse and calls mount(2)), with the state directory mounted from the host at the
+//!   same path with Bidirectional propagation, so the mount appears on the host and in
+//!   `baton-csi`, and `BATON_HOME=<state>/home` so its control socket is on the host too;
+//! - gets the metadata URL and credentials from a Secret through `envFrom`
+//!   (`--meta $(BATON_META_URL)`), never from its spec;
+//! - `restartPolicy: OnFailure`: a crash restarts it; `baton umount` ends it cleanly;
+//! - is owned by the Node (deleted by the garbage collector with the node); its Secret is
+//!   owned by the pod.
+//!
+//! `baton-csi` unmounts a backend through the supervisor's control socket (`baton
+//! umount`), then deletes the pod and its Secret.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::runtime::Handle;
+
+use crate::baton::Baton;
+use crate::layout::{BackendRecord, MountMode, hex};
+use crate::mounter::process::unmount_backend;
+use crate::mounter::{MountError, Mounter};
+use crate::mountinfo::MountTable;
+use crate::volume::{BackendId, BackendSpec};
+
+/// Label: which backend a mount pod (and its Secret) serves.
+pub const LABEL_BACKEND: &str = "baton.dev/backend";
+/// Label: a hash of the node name (label values are limited to 63 characters).
+pub const LABEL_NODE_HASH: &str = "baton.dev/node-hash";
+/// Labels every mount pod has.
+pub const MOUNT_POD_LABELS: [(&str, &str); 3] = [
+    ("app.kubernetes.io/name", "baton"),
+    ("app.kubernetes.io/component", "mount"),
+    ("app.kubernetes.io/managed-by", "baton-csi"),
+];
+/// The Secret key holding the metadata URL.
+pub const SECRET_META_KEY: &str = "BATON_META_URL";
+
+/// How mount pods are made.
+#[derive(Clone, Debug)]
+pub struct MountPodConfig {
+    pub namespace: String,
+    pub node_name: String,
+    pub image: String,
+    /// The state directory: the same path on the host, in baton-csi and in mount pods.
+    pub state_dir: PathBuf,
+    pub priority_class: Option<String>,
+    pub cpu_request: Option<String>,
+    pub memory_request: Option<String>,
+    pub memory_limit: Option<String>,
+    pub mount_timeout: Duration,
+}
+
+impl MountPodConfig {
+    fn node_hash(&self) -> String {
+        hex(&Sha256::digest(self.node_name.as_bytes())[..4])
+    }
+
+    /// The mount pod's (and its Secret's) name: unique per node and backend.
+    pub fn pod_name(&self, id: &BackendId) -> String {
+        format!("baton-mount-{}-{}", self.node_hash(), id)
+    }
+
+    fn labels(&self, id: &BackendId) -> BTreeMap<String, String> {
+        let mut l: BTreeMap<String, String> = MOUNT_POD_LABELS
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        l.insert(LABEL_BACKEND.into(), id.to_string());
+        l.insert(LABEL_NODE_HASH.into(), self.node_hash());
+        l
+    }
+
+    fn selector(&self) -> String {
+        mount_pod_selector(&self.node_name)
+    }
+}
+
+/// The label selector of the mount pods (and their Secrets) of node `node_name`.
+pub fn mount_pod_selector(node_name: &str) -> String {
+    let mut s: Vec<String> = MOUNT_POD_LABELS
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    s.push(format!(
+        "{LABEL_NODE_HASH}={}",
+        hex(&Sha256::digest(node_name.as_bytes())[..4])
+    ));
+    s.join(",")
+}
+
+/// The mount pod of `spec` at `mountpoint`, owned by `node_uid`.
+pub fn mount_pod(
+    cfg: &MountPodConfig,
+    spec: &BackendSpec,
+    mountpoint: &Path,
+    node_uid: &str,
+) -> Pod {
+    let name = cfg.pod_name(&spec.id);
+    let state = cfg.state_dir.display().to_string();
+    let mut command: Vec<String> = vec![
+        "baton".into(),
+        "--log-format".into(),
+        "json".into(),
+        "mount".into(),
+        mountpoint.display().to_string(),
+        "--meta".into(),
+        format!("$({SECRET_META_KEY})"),
+    ];
+    command.extend(spec.options.args());
+    let mut requests = serde_json::Map::new();
+    if let Some(c) = &cfg.cpu_request {
+        requests.insert("cpu".into(), json!(c));
+    }
+    if let Some(m) = &cfg.memory_request {
+        requests.insert("memory".into(), json!(m));
+    }
+    let mut limits = serde_json::Map::new();
+    if let Some(m) = &cfg.memory_limit {
+        limits.insert("memory".into(), json!(m));
+    }
+    let mut pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": cfg.namespace,
+            "labels": cfg.labels(&spec.id),
+            "annotations": {
+                "baton.dev/mountpoint": mountpoint.display().to_string(),
+                "baton.dev/node": cfg.node_name,
+            },
+            "ownerReferences": [{
+                "apiVersion": "v1",
+                "kind": "Node",
+                "name": cfg.node_name,
+                "uid": node_uid,
+            }],
+        },
+        "spec": {
+            "nodeName": cfg.node_name,
+            "restartPolicy": "OnFailure",
+            "tolerations": [{"operator": "Exists"}],
+            "automountServiceAccountToken": false,
+            "enableServiceLinks": false,
+            "terminationGracePeriodSeconds": 60,
+            "containers": [{
+                "name": "baton",
+                "image": cfg.image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": command,
+                "env": [{"name": "BATON_HOME", "value": format!("{state}/home")}],
+                "envFrom": [{"secretRef": {"name": name}}],
+                "securityContext": {"privileged": true},
+                "resources": {"requests": requests, "limits": limits},
+                "volumeMounts": [
+                    {"name": "state", "mountPath": state, "mountPropagation": "Bidirectional"},
+                    {"name": "fuse", "mountPath": "/dev/fuse"},
+                ],
+            }],
+            "volumes": [
+                {"name": "state", "hostPath": {"path": state, "type": "DirectoryOrCreate"}},
+                {"name": "fuse", "hostPath": {"path": "/dev/fuse", "type": "CharDevice"}},
+            ],
+        },
+    });
+    if let Some(pc) = &cfg.priority_class {
+        pod["spec"]["priorityClassName"] = json!(pc);
+    }
+    // The JSON above is fixed apart from strings; it always has a Pod's shape.
+    serde_json::from_value(pod).unwrap_or_default()
+}
+
+/// The Secret of a mount pod: the metadata URL and the environment for `baton`.
+pub fn mount_secret(cfg: &MountPodConfig, spec: &BackendSpec, node_uid: &str) -> Secret {
+    let mut data: BTreeMap<String, String> = spec.secrets.env.iter().cloned().collect();
+    data.insert(SECRET_META_KEY.into(), spec.secrets.meta_url.clone());
+    let secret = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": cfg.pod_name(&spec.id),
+            "namespace": cfg.namespace,
+            "labels": cfg.labels(&spec.id),
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": cfg.node_name, "uid": node_uid}],
+        },
+        "type": "Opaque",
+        "stringData": data,
+    });
+    serde_json::from_value(secret).unwrap_or_default()
+}
+
+/// Runs backends in mount pods.
+#[derive(Clone)]
+pub struct PodMounter {
+    client: kube::Client,
+    config: MountPodConfig,
+    baton: Baton,
+    runtime: Handle,
+}
+
+impl std::fmt::Debug for PodMounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodMounter")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn kube_err(e: kube::Error) -> MountError {
+    MountError::Kube(e)
+}
+
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+/// Why a mount pod is not running, if its status says.
+fn pod_problem(pod: &Pod) -> Option<(bool, String)> {
+    let status = pod.status.as_ref()?;
+    if status.phase.as_deref() == Some("Failed") {
+        return Some((
+            true,
+            status
+                .message
+                .clone()
+                .or(status.reason.clone())
+                .unwrap_or_else(|| "phase Failed".into()),
+        ));
+    }
+    for cs in status.container_statuses.iter().flatten() {
+        if let Some(w) = cs.state.as_ref().and_then(|s| s.waiting.as_ref()) {
+            if let Some(r) = &w.reason {
+                return Some((
+                    false,
+                    format!("{r}: {}", w.message.clone().unwrap_or_default()),
+                ));
+            }
+        }
+        if let Some(t) = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()) {
+            return Some((
+                false,
+                format!(
+                    "last exit {}: {}",
+                    t.exit_code,
+                    t.message.clone().unwrap_or_default()
+                ),
+            ));
+        }
+    }
+    None
+}
+
+impl PodMounter {
+    pub fn new(
+        client: kube::Client,
+        config: MountPodConfig,
+        baton: Baton,
+        runtime: Handle,
+    ) -> PodMounter {
+        PodMounter {
+            client,
+            config,
+            baton,
+            runtime,
+        }
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.config.namespace)
+    }
+
+    fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.config.namespace)
+    }
+
+    /// Deletes the pod and its Secret (missing ones are fine) and waits until the pod
+    /// object is gone (its kubelet has stopped it).
+    async fn delete_pod(&self, name: &str, wait: Duration) -> Result<(), MountError> {
+        let dp = DeleteParams::default();
+        match self.pods().delete(name, &dp).await {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => return Err(kube_err(e)),
+        }
+        match self.secrets().delete(name, &dp).await {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => return Err(kube_err(e)),
+        }
+        let deadline = Instant::now() + wait;
+        while self.pods().get_opt(name).await.map_err(kube_err)?.is_some() {
+            if Instant::now() >= deadline {
+                return Err(MountError::Other(format!(
+                    "mount pod {name} is still terminating"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
+    async fn mount_async(
+        &self,
+        spec: &BackendSpec,
+        mountpoint: &Path,
+    ) -> Result<String, MountError> {
+        let name = self.config.pod_name(&spec.id);
+        let node = Api::<Node>::all(self.client.clone())
+            .get(&self.config.node_name)
+            .await
+            .map_err(kube_err)?;
+        let node_uid = node.metadata.uid.unwrap_or_default();
+        if self
+            .pods()
+            .get_opt(&name)
+            .await
+            .map_err(kube_err)?
+            .is_some()
+        {
+            // Whatever it is doing, it does not serve this mountpoint (the caller found
+            // nothing mounted there): start afresh, with the current secrets.
+            tracing::info!(pod = %name, "replacing a leftover mount pod");
+            self.delete_pod(&name, self.config.mount_timeout).await?;
+        }
+        let secret = mount_secret(&self.config, spec, &node_uid);
+        let pp = PostParams::default();
+        match self.secrets().create(&pp, &secret).await {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 409) => {
+                self.secrets()
+                    .delete(&name, &DeleteParams::default())
+                    .await
+                    .map_err(kube_err)?;
+                self.secrets()
+                    .create(&pp, &secret)
+                    .await
+                    .map_err(kube_err)?;
+            }
+            Err(e) => return Err(kube_err(e)),
+        }
+        let pod = self
+            .pods()
+            .create(&pp, &mount_pod(&self.config, spec, mountpoint, &node_uid))
+            .await
+            .map_err(kube_err)?;
+        tracing::info!(pod = %name, "mount pod created");
+        // The Secret lives as long as its pod.
+        if let Some(uid) = &pod.metadata.uid {
+            let owner = json!({"metadata": {"ownerReferences": [{
+                "apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid,
+                "controller": true, "blockOwnerDeletion": true,
+            }]}});
+            self.secrets()
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&owner))
+                .await
+                .map_err(kube_err)?;
+        }
+        self.wait_mounted(&name, mountpoint).await?;
+        Ok(format!("{}/{}", self.config.namespace, name))
+    }
+
+    /// Waits until the mount serves, the pod fails, or the timeout.
+    async fn wait_mounted(&self, name: &str, mountpoint: &Path) -> Result<(), MountError> {
+        let deadline = Instant::now() + self.config.mount_timeout;
+        let mut last_check = Instant::now();
+        let mut problem = None;
+        loop {
+            let mounted = MountTable::read()
+                .map(|t| t.at(mountpoint).is_some_and(|e| e.is_baton()))
+                .unwrap_or(false);
+            if mounted {
+                tracing::info!(pod = %name, "mount pod serves");
+                return Ok(());
+            }
+            if last_check.elapsed() >= Duration::from_secs(1) {
+                last_check = Instant::now();
+                match self.pods().get_opt(name).await.map_err(kube_err)? {
+                    None => {
+                        return Err(MountError::PodFailed(format!(
+                            "mount pod {name} disappeared"
+                        )));
+                    }
+                    Some(p) => match pod_problem(&p) {
+                        Some((true, why)) => {
+                            return Err(MountError::PodFailed(format!("{name}: {why}")));
+                        }
+                        Some((false, why)) => problem = Some(why),
+                        None => {}
+                    },
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(match problem {
+                    Some(why) => {
+                        MountError::PodFailed(format!("{name} did not mount in time: {why}"))
+                    }
+                    None => MountError::Timeout(self.config.mount_timeout),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Mounter for PodMounter {
+    fn mode(&self) -> MountMode {
+        MountMode::Pod
+    }
+
+    fn mount(&self, spec: &BackendSpec, mountpoint: &Path) -> Result<Option<String>, MountError> {
+        let result = self.runtime.block_on(self.mount_async(spec, mountpoint));
+        match result {
+            Ok(pod) => Ok(Some(pod)),
+            Err(e) => {
+                // Leave nothing half-made behind: the CO retries from scratch.
+                let name = self.config.pod_name(&spec.id);
+                if let Err(d) = self
+                    .runtime
+                    .block_on(self.delete_pod(&name, Duration::from_secs(30)))
+                {
+                    tracing::warn!(pod = %name, error = %crate::error::chain(&d), "cannot remove a failed mount pod");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn unmount(
+        &self,
+        id: &BackendId,
+        _record: Option<&BackendRecord>,
+        mountpoint: &Path,
+    ) -> Result<(), MountError> {
+        let mounted = MountTable::read()
+            .map(|t| t.at(mountpoint).is_some())
+            .unwrap_or(true);
+        if mounted {
+            unmount_backend(&self.baton, id, mountpoint)?;
+        }
+        let name = self.config.pod_name(id);
+        self.runtime
+            .block_on(self.delete_pod(&name, self.config.mount_timeout))?;
+        tracing::info!(pod = %name, "mount pod deleted");
+        Ok(())
+    }
+
+    fn instances(&self) -> Result<Vec<BackendId>, MountError> {
+        self.runtime.block_on(async {
+            let lp = ListParams::default()
+                .labels(&self.config.selector())
+                .fields(&format!("spec.nodeName={}", self.config.node_name));
+            let pods = self.pods().list_metadata(&lp).await.map_err(kube_err)?;
+            let secrets = self
+                .secrets()
+                .list_metadata(&ListParams::default().labels(&self.config.selector()))
+                .await
+                .map_err(kube_err)?;
+            Ok(pods
+                .items
+                .iter()
+                .map(|p| &p.metadata)
+                .chain(secrets.items.iter().map(|s| &s.metadata))
+                .filter_map(|m| {
+                    m.labels
+                        .as_ref()?
+                        .get(LABEL_BACKEND)
+                        .and_then(|v| BackendId::from_hex(v))
+                })
+                .collect())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::{MountOptions, VolumeSecrets, parse_mount_flags};
+
+    fn cfg() -> MountPodConfig {
+        MountPodConfig {
+            namespace: "baton-system".into(),
+            node_name: "node-a".into(),
+            image: "baton:test".into(),
+            state_dir: "/var/lib/baton-csi".into(),
+            priority_class: Some("system-node-critical".into()),
+            cpu_request: Some("100m".into()),
+            memory_request: None,
+            memory_limit: Some("1Gi".into()),
+            mount_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn spec() -> BackendSpec {
+        let secrets = VolumeSecrets {
+            meta_url: "redis://:pw@db/1".into(),
+            format: None,
+            env: vec![("AWS_SECRET_ACCESS_KEY".into(), "k".into())],
+        };
+        let opts: MountOptions = parse_mount_flags(&["threads=4".into()])
+            .expect("valid")
+            .options;
+        BackendSpec::new(secrets, opts)
+    }
+
+    #[test]
+    fn mount_pod_has_the_fields_that_matter_and_no_secret() {
+        let (c, s) = (cfg(), spec());
+        let mp = c.state_dir.join("mnt").join(s.id.as_str());
+        let pod = mount_pod(&c, &s, &mp, "uid-1");
+        let text = serde_json::to_string(&pod).expect("json");
+        assert!(!text.contains("pw@db") && !text.contains("\"k\""), "{text}");
+        let spec_ = pod.spec.as_ref().expect("spec");
+        assert_eq!(spec_.node_name.as_deref(), Some("node-a"));
+        assert_eq!(spec_.restart_policy.as_deref(), Some("OnFailure"));
+        assert_eq!(spec_.automount_service_account_token, Some(false));
+        let ctr = &spec_.containers[0];
+        let cmd = ctr.command.as_ref().expect("command");
+        assert_eq!(
+            &cmd[3..7],
+            [
+                "mount",
+                &mp.display().to_string(),
+                "--meta",
+                "$(BATON_META_URL)"
+            ]
+        );
+        assert!(cmd.ends_with(&["--threads".to_string(), "4".to_string()]));
+        let vm = &ctr.volume_mounts.as_ref().expect("mounts")[0];
+        assert_eq!(vm.mount_propagation.as_deref(), Some("Bidirectional"));
+        assert_eq!(vm.mount_path, "/var/lib/baton-csi");
+        let owner = &pod.metadata.owner_references.as_ref().expect("owner")[0];
+        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Node", "uid-1"));
+        let secret = mount_secret(&c, &s, "uid-1");
+        let data = secret.string_data.expect("data");
+        assert_eq!(
+            data.get(SECRET_META_KEY).map(String::as_str),
+            Some("redis://:pw@db/1")
+        );
+        assert_eq!(secret.metadata.name, pod.metadata.name);
+    }
+}
