@@ -172,19 +172,19 @@ impl HandleTable {
             .store((generation as u32) & EPOCH_MASK, Ordering::Relaxed);
     }
 
-    /// Opens a new handle.
-    pub fn open(&self, ino: Ino, flags: HandleFlags) -> Arc<Handle> {
+    /// Opens a new handle; `None` when every number of this epoch for `ino` and `flags`
+    /// is taken (2^12 handles open at once on one inode with the same flags).
+    pub fn open(&self, ino: Ino, flags: HandleFlags) -> Option<Arc<Handle>> {
         let mut t = self.inner.lock();
         let epoch = self.epoch.load(Ordering::Relaxed) << SEQ_BITS;
-        loop {
+        for _ in 0..=SEQ_MASK {
             let c = epoch | (self.counter.fetch_add(1, Ordering::Relaxed) & SEQ_MASK);
             let fh = Fh::new(ino, flags, c);
-            // 2^12 handles open on one inode at once would loop forever; that many open
-            // files of one inode exceed any process's fd limit long before.
             if !t.handles.contains_key(&fh) {
-                return t.insert(fh);
+                return Some(t.insert(fh));
             }
         }
+        None
     }
 
     /// The handle for `fh`; rebuilt from the number if this process has not seen it (it
@@ -281,11 +281,15 @@ mod tests {
     #[test]
     fn open_counts_and_rebuild() {
         let t = HandleTable::default();
-        let a = t.open(
-            Ino(5),
-            HandleFlags::from_open_flags(libc::O_RDWR | libc::O_APPEND),
-        );
-        let b = t.open(Ino(5), HandleFlags::from_open_flags(libc::O_RDONLY));
+        let a = t
+            .open(
+                Ino(5),
+                HandleFlags::from_open_flags(libc::O_RDWR | libc::O_APPEND),
+            )
+            .unwrap();
+        let b = t
+            .open(Ino(5), HandleFlags::from_open_flags(libc::O_RDONLY))
+            .unwrap();
         assert_ne!(a.fh, b.fh);
         assert!(a.flags().write && a.flags().append && !b.flags().write);
         assert!(t.is_open(Ino(5)));
@@ -303,9 +307,13 @@ mod tests {
     #[test]
     fn snapshot_restore_keeps_handles_counts_and_counter() {
         let t = HandleTable::default();
-        let a = t.open(Ino(5), HandleFlags::from_open_flags(libc::O_WRONLY));
-        let b = t.open(Ino(5), HandleFlags::from_open_flags(libc::O_RDONLY));
-        let d = t.open(Ino(1), HandleFlags::directory());
+        let a = t
+            .open(Ino(5), HandleFlags::from_open_flags(libc::O_WRONLY))
+            .unwrap();
+        let b = t
+            .open(Ino(5), HandleFlags::from_open_flags(libc::O_RDONLY))
+            .unwrap();
+        let d = t.open(Ino(1), HandleFlags::directory()).unwrap();
         let (fhs, next) = t.snapshot();
         assert_eq!(fhs.len(), 3);
         assert_eq!(next, 3);
@@ -317,7 +325,9 @@ mod tests {
         assert!(successor.close(b.fh.0), "the inode's last handle");
         assert!(!successor.close(d.fh.0), "directories are not counted");
         // New handles do not reuse a number the kernel may still hold.
-        let c = successor.open(Ino(5), HandleFlags::from_open_flags(libc::O_RDONLY));
+        let c = successor
+            .open(Ino(5), HandleFlags::from_open_flags(libc::O_RDONLY))
+            .unwrap();
         assert_eq!(c.fh.counter(), 3);
     }
 
@@ -334,7 +344,7 @@ mod tests {
                 } else {
                     HandleFlags::from_open_flags(libc::O_WRONLY | libc::O_APPEND)
                 };
-                dead.open(Ino(9), flags).fh
+                dead.open(Ino(9), flags).unwrap().fh
             })
             .collect();
         let successor = HandleTable::default();
@@ -345,7 +355,7 @@ mod tests {
             } else {
                 HandleFlags::from_open_flags(libc::O_WRONLY | libc::O_APPEND)
             };
-            let fh = successor.open(Ino(9), flags).fh;
+            let fh = successor.open(Ino(9), flags).unwrap().fh;
             assert!(
                 !held.contains(&fh),
                 "{fh:?} repeats a handle the kernel holds"
@@ -366,16 +376,38 @@ mod tests {
     fn an_upgrade_successor_goes_on_from_its_predecessors_sequence_in_its_own_epoch() {
         let old = HandleTable::default();
         old.set_epoch(7);
-        let a = old.open(Ino(2), HandleFlags::from_open_flags(libc::O_RDONLY));
+        let a = old
+            .open(Ino(2), HandleFlags::from_open_flags(libc::O_RDONLY))
+            .unwrap();
         let (fhs, next) = old.snapshot();
         assert_eq!(next >> SEQ_BITS, 7);
         let new = HandleTable::default();
         new.set_epoch(8);
         new.restore(&fhs, next);
-        let b = new.open(Ino(2), HandleFlags::from_open_flags(libc::O_RDONLY));
+        let b = new
+            .open(Ino(2), HandleFlags::from_open_flags(libc::O_RDONLY))
+            .unwrap();
         assert_ne!(a.fh, b.fh);
         assert_eq!(b.fh.counter() >> SEQ_BITS, 8);
         assert!(!new.close(a.fh.0), "b is still open");
         assert!(new.close(b.fh.0));
+    }
+
+    #[test]
+    fn a_full_epoch_for_one_inode_is_an_error_not_a_hang() {
+        let t = HandleTable::default();
+        let flags = HandleFlags::from_open_flags(libc::O_RDONLY);
+        let held: Vec<_> = (0..=SEQ_MASK)
+            .map(|_| t.open(Ino(3), flags).unwrap())
+            .collect();
+        assert!(t.open(Ino(3), flags).is_none());
+        // Other inodes and other flags still get numbers, and a close frees one.
+        assert!(t.open(Ino(4), flags).is_some());
+        assert!(
+            t.open(Ino(3), HandleFlags::from_open_flags(libc::O_WRONLY))
+                .is_some()
+        );
+        t.close(held[7].fh.0);
+        assert!(t.open(Ino(3), flags).is_some());
     }
 }

@@ -509,6 +509,15 @@ impl Vfs {
         self.lookups.lock().iter().map(|(i, n)| (*i, *n)).collect()
     }
 
+    /// A new handle number for `ino`; ENFILE when this generation has no free number for
+    /// it (thousands of opens of one inode with the same flags at once).
+    fn open_handle(&self, ino: Ino, flags: HandleFlags) -> Result<u64> {
+        self.handles
+            .open(ino, flags)
+            .map(|h| h.fh.0)
+            .ok_or(FsError::Posix(libc::ENFILE))
+    }
+
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
         let attr = self.meta.getattr(ino)?;
         Ok(self.with_pending(ino, attr))
@@ -685,11 +694,7 @@ impl Vfs {
         }
         // Close-to-open: what another client wrote before our open is read fresh.
         self.data.invalidate(ino);
-        Ok(self
-            .handles
-            .open(ino, HandleFlags::from_open_flags(flags))
-            .fh
-            .0)
+        self.open_handle(ino, HandleFlags::from_open_flags(flags))
     }
 
     /// Creates and opens a regular file. Without O_EXCL an existing file (created by
@@ -728,11 +733,7 @@ impl Vfs {
             Err(e) => return Err(e.into()),
         };
         self.remember(ino);
-        let fh = self
-            .handles
-            .open(ino, HandleFlags::from_open_flags(flags))
-            .fh
-            .0;
+        let fh = self.open_handle(ino, HandleFlags::from_open_flags(flags))?;
         Ok((ino, self.with_pending(ino, attr), fh))
     }
 
@@ -863,7 +864,7 @@ impl Vfs {
         if attr.kind != FileKind::Dir {
             return Err(FsError::Posix(libc::ENOTDIR));
         }
-        Ok(self.handles.open(ino, HandleFlags::directory()).fh.0)
+        self.open_handle(ino, HandleFlags::directory())
     }
 
     /// Entries after `offset` (a cookie from an earlier entry, or 0), "." and ".."
