@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds Baton, mounts the embedded default volume, writes and reads through it, checks
-# the bytes, upgrades the client three times while an application appends and reads, checks
-# that the application saw no error and lost no record, and unmounts. Run as root on Debian/Ubuntu with a Rust toolchain.
+# the bytes, upgrades the client three times and kills it (kill -9) twice while an application
+# appends and reads, checks that the application saw no error and lost no record, and
+# unmounts. Run as root on Debian/Ubuntu with a Rust toolchain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,6 +59,13 @@ for n in 1 2 3; do
     "$BATON" upgrade "$MNT" --binary target/release/baton-fs
     sleep 1
 done
+echo "== kill -9 of the client, twice, while the application goes on"
+for n in 1 2; do
+    pid=$("$BATON" status "$MNT" --json | grep -o '"client_pid": *[0-9]*' | grep -o '[0-9]*$')
+    kill -9 "$pid"
+    echo "killed client pid $pid"
+    sleep 1
+done
 touch "$MNT/demo/stop"
 if ! wait "$app"; then
     echo "FAILED: the application saw an error during the upgrades" >&2
@@ -68,10 +76,10 @@ if ! seq 1 "$count" | sed 's/^/record /' | cmp -s - "$MNT/demo/log"; then
     echo "FAILED: the log does not hold records 1..$count in order" >&2
     exit 1
 fi
-echo "the application appended and read back $count records across 3 upgrades, no error"
+echo "the application appended and read back $count records across 3 upgrades and 2 kills, no error"
 "$BATON" status "$MNT"
 
 echo "== unmounting"
 "$BATON" umount "$MNT"
 trap - EXIT
-echo "OK: 64 MiB written and read back identically; 3 live upgrades, no application error"
+echo "OK: 64 MiB written and read back identically; 3 live upgrades and 2 kill -9, no application error"
