@@ -111,7 +111,8 @@ impl Driver {
         let _ = std::fs::remove_file(&self.socket);
         self.child = Some(cmd.spawn().unwrap());
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.socket.exists() {
+        // The socket file appears at bind(2), before listen(2): wait until a connect works.
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("baton-csi exited with {st}:\n{}", self.log());
             }
