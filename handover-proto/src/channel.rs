@@ -53,6 +53,19 @@ pub enum RecvError {
     },
 }
 
+impl SendError {
+    /// Whether the peer is gone (the connection was closed or reset).
+    pub fn is_closed(&self) -> bool {
+        matches!(
+            self,
+            SendError::Transport(fdpass::SendError::Sendmsg {
+                source: nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET,
+                ..
+            })
+        )
+    }
+}
+
 impl RecvError {
     /// Whether the peer is gone (closed, or the connection was reset).
     pub fn is_closed(&self) -> bool {

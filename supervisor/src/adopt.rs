@@ -60,6 +60,17 @@ pub enum AdoptError {
     Pidfd(#[source] std::io::Error),
 }
 
+impl AdoptError {
+    /// The connection was closed or reset before the exchange completed.
+    fn peer_went_away(&self) -> bool {
+        match self {
+            AdoptError::Recv(e) => e.is_closed(),
+            AdoptError::Send(e) => e.is_closed(),
+            _ => false,
+        }
+    }
+}
+
 /// A client adopted by this process.
 #[derive(Debug)]
 pub struct Adopted {
@@ -80,49 +91,42 @@ pub fn adopt(
     let path = handover_proto::rendezvous::adopt_socket_path(home.path(), mountpoint);
     let addr = UnixAddr::new(&path).map_err(|e| AdoptError::PathTooLong(path.clone(), e))?;
     let deadline = Instant::now() + wait;
-    let sock = loop {
-        let sock = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(|source| AdoptError::Connect {
-            path: path.clone(),
-            source,
-        })?;
-        match connect(sock.as_raw_fd(), &addr) {
-            Ok(()) => break sock,
-            Err(Errno::ENOENT | Errno::ECONNREFUSED) if Instant::now() < deadline => {
+    // A listener that goes away with our connection still in its backlog (the client
+    // was just adopted by someone else and is about to listen again) resets it: try
+    // again until the deadline.
+    let (sock, cred, msg, mut fds) = loop {
+        let Some(sock) = connect_adopt_socket(&path, &addr, deadline)? else {
+            return Ok(None);
+        };
+        let cred = getsockopt(&sock, sockopt::PeerCredentials)
+            .map_err(|e| AdoptError::PeerCred(path.clone(), e))?;
+        if cred.uid() != 0 {
+            return Err(AdoptError::NotRoot {
+                path,
+                uid: cred.uid(),
+            });
+        }
+        let sent = channel::send(
+            sock.as_fd(),
+            &ToClient::Adopt {
+                supervisor_pid: std::process::id(),
+            },
+            &[],
+        );
+        let answer = match sent {
+            Ok(()) => channel::recv::<ToSupervisor>(sock.as_fd(), Some(ANSWER_TIMEOUT))
+                .map_err(AdoptError::Recv),
+            Err(e) => Err(AdoptError::Send(e)),
+        };
+        match answer {
+            Ok((msg, fds)) => break (sock, cred, msg, fds),
+            Err(e) if e.peer_went_away() && Instant::now() < deadline => {
+                tracing::debug!(error = %e, "the adopt socket's listener went away; retrying");
                 std::thread::sleep(RETRY);
             }
-            Err(Errno::ENOENT | Errno::ECONNREFUSED) => return Ok(None),
-            Err(source) => {
-                return Err(AdoptError::Connect {
-                    path: path.clone(),
-                    source,
-                });
-            }
+            Err(e) => return Err(e),
         }
     };
-    let cred = getsockopt(&sock, sockopt::PeerCredentials)
-        .map_err(|e| AdoptError::PeerCred(path.clone(), e))?;
-    if cred.uid() != 0 {
-        return Err(AdoptError::NotRoot {
-            path,
-            uid: cred.uid(),
-        });
-    }
-    channel::send(
-        sock.as_fd(),
-        &ToClient::Adopt {
-            supervisor_pid: std::process::id(),
-        },
-        &[],
-    )
-    .map_err(AdoptError::Send)?;
-    let (msg, mut fds) = channel::recv::<ToSupervisor>(sock.as_fd(), Some(ANSWER_TIMEOUT))
-        .map_err(AdoptError::Recv)?;
     let adoption = match msg {
         ToSupervisor::Adopted(a) => *a,
         other => {
@@ -162,6 +166,40 @@ pub fn adopt(
         fuse,
         journal,
     }))
+}
+
+/// Connects to the adopt socket at `path`, retrying while nobody listens there until
+/// `deadline`. `Ok(None)`: still nobody at the deadline.
+fn connect_adopt_socket(
+    path: &Path,
+    addr: &UnixAddr,
+    deadline: Instant,
+) -> Result<Option<OwnedFd>, AdoptError> {
+    loop {
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|source| AdoptError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        match connect(sock.as_raw_fd(), addr) {
+            Ok(()) => return Ok(Some(sock)),
+            Err(Errno::ENOENT | Errno::ECONNREFUSED) if Instant::now() < deadline => {
+                std::thread::sleep(RETRY);
+            }
+            Err(Errno::ENOENT | Errno::ECONNREFUSED) => return Ok(None),
+            Err(source) => {
+                return Err(AdoptError::Connect {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
 }
 
 /// The client's binary as the kernel knows it (`/proc/PID/exe`), for restarts; `None` if
