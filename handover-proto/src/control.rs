@@ -37,6 +37,16 @@ pub enum ControlRequest {
     /// client. Answered by [`ControlResponse::SupervisorUpgraded`] or `Error` (the old
     /// supervisor then serves on). `timeout_ms` bounds the new supervisor's start.
     UpgradeSupervisor { binary: PathBuf, timeout_ms: u64 },
+    /// From a new supervisor in another process tree (a new mount pod): take the mount
+    /// over. The supervisor asks its client to wait for a new supervisor and answers
+    /// [`ControlResponse::HandingOver`] with its control socket; the asker adopts the
+    /// client and confirms with [`ControlRequest::TookOver`] on the same connection
+    /// within `timeout_ms`, or the supervisor adopts its client back and serves on.
+    HandOver { timeout_ms: u64 },
+    /// The second message of a [`ControlRequest::HandOver`] exchange: the asker
+    /// supervises the client now. Answered by [`ControlResponse::HandedOver`]; the old
+    /// supervisor stops serving the control socket and exits when its client has.
+    TookOver,
 }
 
 /// Supervisor -> CLI.
@@ -69,6 +79,13 @@ pub enum ControlResponse {
         new_pid: u32,
         new_version: String,
     },
+    /// The first answer to [`ControlRequest::HandOver`]: the client waits on its adopt
+    /// socket; carries the control socket's listening descriptor.
+    HandingOver {
+        supervisor_pid: u32,
+    },
+    /// The answer to [`ControlRequest::TookOver`].
+    HandedOver,
 }
 
 /// What the supervisor knows of its client beyond [`MountStatus`]: whether one serves,
@@ -151,6 +168,9 @@ impl WireMessage for ControlRequest {
 
 impl WireMessage for ControlResponse {
     fn fd_count(&self) -> usize {
-        0
+        match self {
+            ControlResponse::HandingOver { .. } => 1,
+            _ => 0,
+        }
     }
 }

@@ -222,6 +222,8 @@ fn control_request(name: &str) -> ControlRequest {
             binary: PathBuf::from("/usr/local/bin/baton-0.2.0"),
             timeout_ms: 60_000,
         },
+        "HandOver" => ControlRequest::HandOver { timeout_ms: 30_000 },
+        "TookOver" => ControlRequest::TookOver,
         other => panic!("no fixture value for ControlRequest::{other}"),
     }
 }
@@ -297,6 +299,10 @@ fn control_response(name: &str) -> ControlResponse {
             new_pid: 1300,
             new_version: "0.2.0".into(),
         },
+        "HandingOver" => ControlResponse::HandingOver {
+            supervisor_pid: 1200,
+        },
+        "HandedOver" => ControlResponse::HandedOver,
         other => panic!("no fixture value for ControlResponse::{other}"),
     }
 }

@@ -119,6 +119,11 @@ pub struct MountArgs {
     /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9567).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Take the live mount at MOUNTPOINT over from its supervisor and move its client to
+    /// this build's client binary, without unmounting (how a new mount pod replaces the
+    /// old one). The old supervisor exits once its client has.
+    #[arg(long)]
+    pub take_over: bool,
 }
 
 #[derive(Debug, Args)]

@@ -2,8 +2,10 @@
 //!
 //! A `SOCK_SEQPACKET` Unix socket, mode 0600 in a 0700 directory, named after the
 //! mountpoint ([`crate::home::mount_name`]). Each connection carries one
-//! [`ControlRequest`] and one [`ControlResponse`]. The peer's credentials (SO_PEERCRED)
-//! are checked: only root or the supervisor's own user may talk to it.
+//! [`ControlRequest`] and one [`ControlResponse`] — except a take-over
+//! (`ControlRequest::HandOver`, then `TookOver`, on one connection). The peer's
+//! credentials (SO_PEERCRED) are checked: only root or the supervisor's own user may talk
+//! to it.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -191,6 +193,12 @@ impl ControlServer {
         let listener = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: called before the supervisor starts any thread.
         unsafe { std::env::remove_var(CONTROL_FD_ENV) };
+        Some(ControlServer::from_listener(listener, home, mountpoint))
+    }
+
+    /// The control socket of `mountpoint` from a listening descriptor another supervisor
+    /// passed (its own, during a take-over), made close-on-exec and non-blocking.
+    pub fn from_listener(listener: OwnedFd, home: &Home, mountpoint: &Path) -> ControlServer {
         let _ = nix::fcntl::fcntl(
             &listener,
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
@@ -199,11 +207,11 @@ impl ControlServer {
             &listener,
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         );
-        Some(ControlServer {
+        ControlServer {
             listener,
             path: socket_path(home, mountpoint),
             keep: false,
-        })
+        }
     }
 
     /// Leaves the socket file in place when this is dropped: a successor serves it.
@@ -253,11 +261,62 @@ impl Drop for ControlServer {
 
 impl ControlConn {
     pub fn recv_request(&self) -> Result<ControlRequest, RecvError> {
-        channel::recv::<ControlRequest>(self.fd.as_fd(), Some(REQUEST_TIMEOUT)).map(|(r, _)| r)
+        self.recv_request_within(REQUEST_TIMEOUT)
+    }
+
+    /// The next request on this connection (the second message of a take-over).
+    pub fn recv_request_within(&self, timeout: Duration) -> Result<ControlRequest, RecvError> {
+        channel::recv::<ControlRequest>(self.fd.as_fd(), Some(timeout)).map(|(r, _)| r)
     }
 
     pub fn respond(&self, response: &ControlResponse) -> Result<(), SendError> {
-        channel::send(self.fd.as_fd(), response, &[])
+        self.respond_with(response, &[])
+    }
+
+    /// Answers with descriptors (the count is checked against the message).
+    pub fn respond_with(
+        &self,
+        response: &ControlResponse,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), SendError> {
+        channel::send(self.fd.as_fd(), response, fds)
+    }
+}
+
+/// An open connection to the supervisor of a mount, for an exchange of several messages.
+#[derive(Debug)]
+pub struct ControlClient {
+    sock: OwnedFd,
+}
+
+impl ControlClient {
+    /// Connects to the control socket of `mountpoint`.
+    pub fn connect(home: &Home, mountpoint: &Path) -> Result<ControlClient, RequestError> {
+        let path = socket_path(home, mountpoint);
+        let connect_err = |source| RequestError::Connect {
+            path: path.clone(),
+            source,
+        };
+        let addr = UnixAddr::new(&path).map_err(connect_err)?;
+        let sock = new_socket(SockFlag::empty()).map_err(connect_err)?;
+        match connect(sock.as_raw_fd(), &addr) {
+            Ok(()) => Ok(ControlClient { sock }),
+            Err(Errno::ENOENT | Errno::ECONNREFUSED) => {
+                Err(RequestError::NoSupervisor(mountpoint.to_path_buf()))
+            }
+            Err(e) => Err(connect_err(e)),
+        }
+    }
+
+    /// Sends `request` and waits up to `timeout` for the answer and its descriptors.
+    pub fn exchange(
+        &self,
+        request: &ControlRequest,
+        timeout: Duration,
+    ) -> Result<(ControlResponse, Vec<OwnedFd>), RequestError> {
+        channel::send(self.sock.as_fd(), request, &[]).map_err(RequestError::Send)?;
+        channel::recv::<ControlResponse>(self.sock.as_fd(), Some(timeout))
+            .map_err(RequestError::Recv)
     }
 }
 
@@ -269,23 +328,7 @@ pub fn request(
     request: &ControlRequest,
     timeout: Duration,
 ) -> Result<ControlResponse, RequestError> {
-    let path = socket_path(home, mountpoint);
-    let connect_err = |source| RequestError::Connect {
-        path: path.clone(),
-        source,
-    };
-    let addr = UnixAddr::new(&path).map_err(connect_err)?;
-    let sock = new_socket(SockFlag::empty()).map_err(connect_err)?;
-    match connect(sock.as_raw_fd(), &addr) {
-        Ok(()) => {}
-        Err(Errno::ENOENT | Errno::ECONNREFUSED) => {
-            return Err(RequestError::NoSupervisor(mountpoint.to_path_buf()));
-        }
-        Err(e) => return Err(connect_err(e)),
-    }
-    channel::send(sock.as_fd(), request, &[]).map_err(RequestError::Send)?;
-    let (response, _) = channel::recv::<ControlResponse>(sock.as_fd(), Some(timeout))
-        .map_err(RequestError::Recv)?;
+    let (response, _) = ControlClient::connect(home, mountpoint)?.exchange(request, timeout)?;
     Ok(response)
 }
 

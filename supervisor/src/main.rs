@@ -145,6 +145,7 @@ fn run_other(cli: Cli, home: &Home, readiness: Option<Readiness>) -> anyhow::Res
                 cache_bytes: a.cache_size.saturating_mul(1 << 20),
                 log_format: cli.log_format.into(),
                 metrics: a.metrics,
+                take_over: a.take_over,
             };
             let mut readiness = readiness;
             let result = supervise::run(home, &opts, |_| {

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use fsclient::data::redact;
 use fsclient::meta::{self, MetaError};
 use handover_proto::channel::{self, RecvError, SendError};
+use handover_proto::control::{ControlRequest, ControlResponse};
 use handover_proto::fuse_init::{InitError, InitReply};
 use handover_proto::message::{Generation, Hello, MountSpec, ToClient, ToSupervisor};
 use nix::errno::Errno;
@@ -39,14 +40,14 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::adopt::{self, AdoptError, Adopted};
-use crate::control::{BindError, CONTROL_FD_ENV, ControlServer};
+use crate::control::{BindError, CONTROL_FD_ENV, ControlClient, ControlServer, RequestError};
 use crate::format::{self, FormatError, FormatOptions};
 use crate::home::{DEFAULT_VOLUME, Home};
 use crate::metrics::{MetricsError, MetricsServer};
 use crate::mount::{self, MountError, ReadInitError, UmountError};
 use crate::spawn::{self, ClientProcess, SpawnError};
 use crate::upgrade::driver::{Driver, DriverParts, MountFacts};
-use crate::upgrade::{ClientInfo, Timings};
+use crate::upgrade::{ClientInfo, ClientOptions, Timings, UpgradeRequest};
 
 /// How long the client may take to open the volume (object storage may be remote).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -93,6 +94,9 @@ pub struct MountOptions {
     pub log_format: LogFormat,
     /// Serve Prometheus metrics over HTTP on this address.
     pub metrics: Option<SocketAddr>,
+    /// Take a live mount over from its supervisor (a new mount pod replacing the old
+    /// one) and move its client to this build's client binary.
+    pub take_over: bool,
 }
 
 /// `baton mount` failed. Variants before `Mount` leave nothing mounted.
@@ -179,6 +183,16 @@ pub enum SuperviseError {
         "the live client of the mount serves {theirs}, not {ours}: run `baton mount` with the options the mount was made with"
     )]
     AdoptedOtherVolume { ours: String, theirs: String },
+    #[error("nothing to take over at {0}: it is not a Baton mount")]
+    NothingToTakeOver(PathBuf),
+    #[error("cannot ask the supervisor of {path} to hand the mount over")]
+    TakeOverRequest {
+        path: PathBuf,
+        #[source]
+        source: RequestError,
+    },
+    #[error("the supervisor of {path} refused to hand the mount over: {reason}")]
+    TakeOverRefused { path: PathBuf, reason: String },
 }
 
 /// What the pre-checks found.
@@ -572,8 +586,11 @@ pub fn run(
     opts: &MountOptions,
     on_ready: impl FnOnce(&Path),
 ) -> Result<(), SuperviseError> {
+    if opts.take_over {
+        return run_take_over(home, opts, on_ready);
+    }
     if let Some((mountpoint, adopted)) = find_live_client(home, opts)? {
-        return run_adopted(home, opts, mountpoint, adopted, on_ready);
+        return run_adopted(home, opts, mountpoint, adopted, None, on_ready);
     }
     let target = precheck(home, opts)?;
     let span = tracing::info_span!("mount", mountpoint = %target.mountpoint.display(), volume = %target.volume);
@@ -663,12 +680,110 @@ fn find_live_client(
     }
 }
 
-/// Supervises an adopted client: from here on as if this process had started it.
+/// How long the supervisor of the mount waits for `TookOver` after `HandingOver`.
+const TAKE_OVER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bounds the take-over's upgrade of the adopted client to this build's client.
+const TAKE_OVER_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The supervisor that handed the mount over, waiting for `TookOver`.
+struct TakeOver {
+    conn: ControlClient,
+    listener: OwnedFd,
+}
+
+/// `baton mount --take-over`: a new supervisor in another process tree (a new mount pod)
+/// takes a live mount over from its supervisor (`ControlRequest::HandOver`), adopts the
+/// client, then upgrades it to this build's client binary, so the old pod can end.
+///
+/// ```text
+/// new supervisor                      old supervisor               client
+///   HandOver ------------------------->
+///                                       Detach -------------------> waits on its adopt socket
+///   <------ HandingOver + control socket
+///   Adopt ----------------------------------------------------------->
+///   <----------------------------------------------------- Adopted + fds
+///   TookOver ------------------------->
+///   <------------------------ HandedOver  (exits once the client has)
+///   upgrade the client to ./baton-fs (freeze, state, RESEND as for `baton upgrade`)
+/// ```
+///
+/// A client already waiting without a supervisor (a take-over interrupted after the
+/// adoption) is adopted directly. If this process fails before `TookOver`, the old
+/// supervisor adopts its client back.
+fn run_take_over(
+    home: &Home,
+    opts: &MountOptions,
+    on_ready: impl FnOnce(&Path),
+) -> Result<(), SuperviseError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(SuperviseError::NotRoot);
+    }
+    let mountpoint = std::fs::canonicalize(&opts.mountpoint).map_err(|source| {
+        SuperviseError::MountpointMissing {
+            path: opts.mountpoint.clone(),
+            source,
+        }
+    })?;
+    match mount::mount_at(&mountpoint).map_err(SuperviseError::Mountinfo)? {
+        Some(e) if e.fstype == mount::FSTYPE => {}
+        _ => return Err(SuperviseError::NothingToTakeOver(mountpoint)),
+    }
+    if let Some(adopted) =
+        adopt::adopt(home, &mountpoint, Duration::ZERO).map_err(SuperviseError::Adopt)?
+    {
+        tracing::info!("the client waited without a supervisor: adopted it");
+        return run_adopted(home, opts, mountpoint, adopted, None, on_ready);
+    }
+    let request_err = |source| SuperviseError::TakeOverRequest {
+        path: mountpoint.clone(),
+        source,
+    };
+    let conn = ControlClient::connect(home, &mountpoint).map_err(request_err)?;
+    let timeout_ms = u64::try_from(TAKE_OVER_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
+    let (answer, mut fds) = conn
+        .exchange(&ControlRequest::HandOver { timeout_ms }, TAKE_OVER_TIMEOUT)
+        .map_err(request_err)?;
+    let refused = |reason: String| SuperviseError::TakeOverRefused {
+        path: mountpoint.clone(),
+        reason,
+    };
+    let old = match answer {
+        ControlResponse::HandingOver { supervisor_pid } => supervisor_pid,
+        ControlResponse::Error { message } => return Err(refused(message)),
+        other => return Err(refused(format!("it answered {other:?}"))),
+    };
+    let Some(listener) = fds.pop() else {
+        return Err(refused(
+            "HandingOver came without the control socket".into(),
+        ));
+    };
+    tracing::info!(old_supervisor = old, "the supervisor hands the mount over");
+    let Some(adopted) =
+        adopt::adopt(home, &mountpoint, HANDED_OVER_WAIT).map_err(SuperviseError::Adopt)?
+    else {
+        return Err(refused(
+            "its client did not wait on the adopt socket".into(),
+        ));
+    };
+    run_adopted(
+        home,
+        opts,
+        mountpoint,
+        adopted,
+        Some(TakeOver { conn, listener }),
+        on_ready,
+    )
+}
+
+/// Supervises an adopted client: from here on as if this process had started it. With
+/// `take_over`, confirms the take-over to the old supervisor once everything is set up;
+/// with `opts.take_over`, starts by upgrading the client to this build's client binary.
 fn run_adopted(
     home: &Home,
     opts: &MountOptions,
     mountpoint: PathBuf,
     adopted: Adopted,
+    take_over: Option<TakeOver>,
     on_ready: impl FnOnce(&Path),
 ) -> Result<(), SuperviseError> {
     let Adopted {
@@ -701,7 +816,14 @@ fn run_adopted(
             return Err(SuperviseError::BadInitReply(e));
         }
     };
-    let control = match ControlServer::from_env(home, &mountpoint) {
+    let (control, take_over) = match take_over {
+        Some(TakeOver { conn, listener }) => (
+            Some(ControlServer::from_listener(listener, home, &mountpoint)),
+            Some(conn),
+        ),
+        None => (ControlServer::from_env(home, &mountpoint), None),
+    };
+    let control = match control {
         Some(c) => c,
         None => match ControlServer::bind(home, &mountpoint) {
             Ok(c) => c,
@@ -718,11 +840,14 @@ fn run_adopted(
             return Err(e);
         }
     };
-    let binary = match opts
-        .client
-        .clone()
-        .or_else(|| adopt::client_binary(adoption.pid))
-    {
+    // A take-over moves the client to this build's binary; else restarts keep the
+    // adopted client's binary.
+    let adopted_binary = if opts.take_over {
+        None
+    } else {
+        adopt::client_binary(adoption.pid)
+    };
+    let binary = match opts.client.clone().or(adopted_binary) {
         Some(b) => b,
         None => match spawn::default_client() {
             Ok(b) => b,
@@ -732,6 +857,7 @@ fn run_adopted(
             }
         },
     };
+    let binary_for_upgrade = binary.clone();
     let journal = match journal {
         Some(j) => j,
         None => match mount::create_journal(mount::JOURNAL_BYTES) {
@@ -792,8 +918,27 @@ fn run_adopted(
         timings: Timings::default(),
         journal,
     };
+    if let Some(conn) = take_over {
+        match conn.exchange(&ControlRequest::TookOver, TAKE_OVER_TIMEOUT) {
+            Ok((ControlResponse::HandedOver, _)) => {
+                tracing::info!("the old supervisor handed the mount over");
+            }
+            Ok((other, _)) => {
+                tracing::warn!(answer = ?other, "unexpected answer to TookOver; supervising anyway");
+            }
+            Err(e) => {
+                tracing::warn!(error = %fsclient::client::error_chain(&e), "no answer to TookOver; supervising anyway");
+            }
+        }
+    }
+    let first_upgrade = opts.take_over.then(|| UpgradeRequest {
+        binary: Some(binary_for_upgrade),
+        timeout: TAKE_OVER_UPGRADE_TIMEOUT,
+        force_drain: false,
+        options: ClientOptions::default(),
+    });
     on_ready(&mountpoint);
-    Driver::new(parts).run()
+    Driver::new(parts).run_with(first_upgrade)
 }
 
 impl Supervisor {

@@ -270,3 +270,106 @@ fn mount_on_a_supervised_mount_is_refused() {
     assert_eq!(s.client_pid, first.client_pid, "{}", s.json);
     m.umount().unwrap();
 }
+
+/// `baton mount MOUNTPOINT --take-over`, as a new mount pod runs it: under the workload,
+/// a supervisor that the first one did not start takes the mount over (HandOver on the
+/// control socket, adoption), moves the client to its own client binary (here the alt
+/// build), and the first supervisor exits once its client has. Refused take-overs
+/// (another volume, nothing mounted) leave the supervisor in charge. The application
+/// sees no error and loses no record.
+#[test]
+fn take_over_moves_the_mount_to_a_new_supervisor_and_client() {
+    let m = TestMount::new(&MountOptions::default()).unwrap();
+    let first = common::status(&m);
+    let run = common::start_workload(&m, 503);
+    let mp = m.mountpoint.display().to_string();
+    let alt = common::alt_bin().display().to_string();
+
+    let out = baton(
+        &m.home,
+        &[
+            "mount",
+            &mp,
+            "--take-over",
+            "--client",
+            &alt,
+            "--background",
+        ],
+    )
+    .unwrap();
+    assert!(out.status.success(), "take-over: {}", text(&out));
+    // The new supervisor's first upgrade moves the client to its binary.
+    let deadline = Instant::now() + PATIENCE;
+    let taken = loop {
+        let s = common::status(&m);
+        if s.supervisor_pid() != first.supervisor_pid() && s.upgrades + s.rollbacks > 0 {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "take-over unfinished: {}",
+            s.json
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(taken.upgrades, 1, "{}", taken.json);
+    assert_eq!(taken.generation, first.generation + 1, "{}", taken.json);
+    assert_ne!(taken.client_pid, first.client_pid, "{}", taken.json);
+    assert!(
+        taken.client_version.ends_with("-alt"),
+        "the client must run the new supervisor's binary: {}",
+        taken.json
+    );
+    // The old supervisor exits once its client has.
+    let old = first.supervisor_pid();
+    let deadline = Instant::now() + PATIENCE;
+    while Path::new(&format!("/proc/{old}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{old}/stat")).is_ok_and(|s| s.contains(") Z "))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the old supervisor {old} did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(run.wait_ops(200, Duration::from_secs(30)));
+
+    // Another volume: the new supervisor gives up after adopting; the one in charge
+    // takes its client back and serves on.
+    let out = baton(
+        &m.home,
+        &[
+            "mount",
+            &mp,
+            "--take-over",
+            "--meta",
+            "redb:///nonexistent/other.redb",
+        ],
+    )
+    .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("serves"), "{}", text(&out));
+    let s = common::status(&m);
+    assert_eq!(s.supervisor_pid(), taken.supervisor_pid(), "{}", s.json);
+    assert_eq!(s.client_pid, taken.client_pid, "{}", s.json);
+    assert!(run.wait_ops(200, Duration::from_secs(30)));
+
+    // Nothing mounted: refused with the reason.
+    let empty = tempfile::tempdir().unwrap();
+    let out = baton(
+        &m.home,
+        &["mount", &empty.path().display().to_string(), "--take-over"],
+    )
+    .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("nothing to take over"),
+        "{}",
+        text(&out)
+    );
+
+    client_upgrade_and_crash(&m);
+    assert!(run.wait_ops(200, Duration::from_secs(30)));
+    common::stop_clean(run);
+    m.umount().unwrap();
+}

@@ -75,8 +75,15 @@ pub fn to_supervisor_name(m: &ToSupervisor) -> &'static str {
     }
 }
 
-pub const CONTROL_REQUEST: &[&str] =
-    &["Umount", "Status", "Upgrade", "Health", "UpgradeSupervisor"];
+pub const CONTROL_REQUEST: &[&str] = &[
+    "Umount",
+    "Status",
+    "Upgrade",
+    "Health",
+    "UpgradeSupervisor",
+    "HandOver",
+    "TookOver",
+];
 
 pub fn control_request_name(m: &ControlRequest) -> &'static str {
     match m {
@@ -85,6 +92,8 @@ pub fn control_request_name(m: &ControlRequest) -> &'static str {
         ControlRequest::Upgrade { .. } => "Upgrade",
         ControlRequest::Health => "Health",
         ControlRequest::UpgradeSupervisor { .. } => "UpgradeSupervisor",
+        ControlRequest::HandOver { .. } => "HandOver",
+        ControlRequest::TookOver => "TookOver",
     }
 }
 
@@ -97,6 +106,8 @@ pub const CONTROL_RESPONSE: &[&str] = &[
     "Error",
     "Health",
     "SupervisorUpgraded",
+    "HandingOver",
+    "HandedOver",
 ];
 
 pub fn control_response_name(m: &ControlResponse) -> &'static str {
@@ -109,6 +120,8 @@ pub fn control_response_name(m: &ControlResponse) -> &'static str {
         ControlResponse::Error { .. } => "Error",
         ControlResponse::Health { .. } => "Health",
         ControlResponse::SupervisorUpgraded { .. } => "SupervisorUpgraded",
+        ControlResponse::HandingOver { .. } => "HandingOver",
+        ControlResponse::HandedOver => "HandedOver",
     }
 }
 
@@ -271,6 +284,8 @@ pub fn control_request() -> impl Strategy<Value = ControlRequest> {
         any::<bool>().prop_map(|lazy| ControlRequest::Umount { lazy }),
         Just(ControlRequest::Status),
         Just(ControlRequest::Health),
+        any::<u64>().prop_map(|timeout_ms| ControlRequest::HandOver { timeout_ms }),
+        Just(ControlRequest::TookOver),
         (path(), any::<u64>()).prop_map(|(binary, timeout_ms)| {
             ControlRequest::UpgradeSupervisor { binary, timeout_ms }
         }),
@@ -408,6 +423,8 @@ pub fn control_response() -> impl Strategy<Value = ControlResponse> {
         proptest::option::of(text(50))
             .prop_map(|flush_error| ControlResponse::Umounted { flush_error }),
         Just(ControlResponse::Busy),
+        Just(ControlResponse::HandedOver),
+        any::<u32>().prop_map(|supervisor_pid| ControlResponse::HandingOver { supervisor_pid }),
         mount_status().prop_map(ControlResponse::Status),
         upgrade_report().prop_map(ControlResponse::Upgraded),
         upgrade_report().prop_map(ControlResponse::RolledBack),

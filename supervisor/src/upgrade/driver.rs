@@ -162,6 +162,10 @@ enum End {
     /// A new supervisor supervises the mount (`baton upgrade --supervisor`): answer and
     /// exit, leaving the client, the control socket and the mount to it.
     Replaced(ControlConn, Box<ControlResponse>),
+    /// A supervisor in another process tree (a new mount pod) supervises the mount
+    /// (`ControlRequest::HandOver`): stop serving the control socket and exit once the
+    /// client of this generation, still this process's child, has exited.
+    HandedOver(Generation),
 }
 
 /// The running mount.
@@ -314,7 +318,26 @@ impl Driver {
     }
 
     /// Runs until the mount ends.
-    pub fn run(mut self) -> Result<(), SuperviseError> {
+    pub fn run(self) -> Result<(), SuperviseError> {
+        self.run_with(None)
+    }
+
+    /// Runs the loop, starting with the upgrade `first` if given (a take-over moves the
+    /// adopted client into this supervisor's binary); nobody waits for its answer, it
+    /// shows in `baton status`.
+    pub fn run_with(mut self, first: Option<UpgradeRequest>) -> Result<(), SuperviseError> {
+        if let Some(req) = first {
+            let old = self.machine.serving().generation;
+            match self.machine.handle_request(monotonic_now(), req) {
+                Ok(()) => {
+                    self.upgrade_span = Some(tracing::info_span!("upgrade", from = %old));
+                    if let Some(end) = self.execute() {
+                        return self.end(end);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot start the take-over upgrade"),
+            }
+        }
         let end = loop {
             self.publish();
             if let Some((sig, deadline)) = self.stopping {
@@ -701,6 +724,15 @@ impl Driver {
                     Err(message) => ControlResponse::Error { message },
                 }
             }
+            ControlRequest::HandOver { timeout_ms } => {
+                match self.hand_over(&conn, Duration::from_millis(timeout_ms.max(1))) {
+                    Ok(serving) => return Some(End::HandedOver(serving)),
+                    Err(message) => ControlResponse::Error { message },
+                }
+            }
+            ControlRequest::TookOver => ControlResponse::Error {
+                message: "TookOver without HandOver on the same connection".into(),
+            },
             ControlRequest::Umount { lazy } => {
                 // During restarts the mount may go: the attempt under way is stopped.
                 if !matches!(
@@ -744,28 +776,11 @@ impl Driver {
         binary: &std::path::Path,
         timeout: Duration,
     ) -> Result<ControlResponse, String> {
-        if self.stopping.is_some() {
-            return Err("the supervisor is stopping".into());
-        }
-        if self.machine.phase() != PhaseKind::Idle {
-            return Err(format!(
-                "cannot replace the supervisor while the client is {}; try again when it has finished",
-                self.machine.phase().as_str()
-            ));
-        }
+        let serving = self.can_let_go()?;
         let new_version = crate::replace::probe_version(binary).map_err(|e| chain(&e))?;
-        let serving = self.machine.serving().generation;
-        let Some(client) = self.clients.get(&serving) else {
-            return Err("no client serves".into());
-        };
         let span = tracing::info_span!("replace-supervisor", binary = %binary.display());
         let _entered = span.enter();
-        channel::send(client.process.channel().as_fd(), &ToClient::Detach, &[]).map_err(|e| {
-            format!(
-                "cannot ask the client to wait for a new supervisor: {}",
-                chain(&e)
-            )
-        })?;
+        self.detach_client(serving)?;
         match crate::replace::start_successor(binary, self.control.fd(), timeout) {
             Ok(new_pid) => {
                 tracing::info!(new_pid, %new_version, "the new supervisor supervises the mount; exiting");
@@ -779,6 +794,126 @@ impl Driver {
                 let reason = chain(&e);
                 tracing::warn!(%reason, "the new supervisor failed: taking the client back");
                 Err(format!("{reason}; {}", self.adopt_back(serving)))
+            }
+        }
+    }
+
+    /// Checks that the supervisor can let its client go now; the serving generation.
+    fn can_let_go(&self) -> Result<Generation, String> {
+        if self.stopping.is_some() {
+            return Err("the supervisor is stopping".into());
+        }
+        if self.machine.phase() != PhaseKind::Idle {
+            return Err(format!(
+                "cannot hand the mount over while the client is {}; try again when it has finished",
+                self.machine.phase().as_str()
+            ));
+        }
+        let serving = self.machine.serving().generation;
+        if !self.clients.contains_key(&serving) {
+            return Err("no client serves".into());
+        }
+        Ok(serving)
+    }
+
+    /// Asks the serving client to wait for a new supervisor (it keeps serving).
+    fn detach_client(&self, serving: Generation) -> Result<(), String> {
+        let Some(client) = self.clients.get(&serving) else {
+            return Err("no client serves".into());
+        };
+        channel::send(client.process.channel().as_fd(), &ToClient::Detach, &[]).map_err(|e| {
+            format!(
+                "cannot ask the client to wait for a new supervisor: {}",
+                chain(&e)
+            )
+        })
+    }
+
+    /// `ControlRequest::HandOver` from a supervisor in another process tree (a new mount
+    /// pod): the client waits for it on its adopt socket, the asker gets the control
+    /// socket, adopts the client and confirms with `TookOver`. `Ok`: the asker supervises
+    /// the mount. `Err`: why not; this supervisor serves on (its client adopted back).
+    fn hand_over(&mut self, conn: &ControlConn, timeout: Duration) -> Result<Generation, String> {
+        if conn.uid != 0 {
+            return Err(format!(
+                "only root may take a mount over (uid {} asked)",
+                conn.uid
+            ));
+        }
+        let serving = self.can_let_go()?;
+        let span = tracing::info_span!("hand-over", to_pid = conn.pid);
+        let _entered = span.enter();
+        self.detach_client(serving)?;
+        let answer = ControlResponse::HandingOver {
+            supervisor_pid: std::process::id(),
+        };
+        if let Err(e) = conn.respond_with(&answer, &[self.control.fd()]) {
+            let reason = chain(&e);
+            return Err(format!("{reason}; {}", self.adopt_back(serving)));
+        }
+        tracing::info!("the client waits for the new supervisor");
+        match conn.recv_request_within(timeout) {
+            Ok(ControlRequest::TookOver) => {
+                if let Err(e) = conn.respond(&ControlResponse::HandedOver) {
+                    tracing::warn!(error = %chain(&e), "cannot confirm the hand-over (the new supervisor supervises anyway)");
+                }
+                tracing::info!(
+                    "the new supervisor supervises the mount; exiting when the client has"
+                );
+                Ok(serving)
+            }
+            Ok(other) => {
+                let reason = format!("the new supervisor sent {other:?} instead of TookOver");
+                tracing::warn!(%reason, "taking the client back");
+                Err(format!("{reason}; {}", self.adopt_back(serving)))
+            }
+            Err(e) => {
+                let reason = format!("the new supervisor did not take over: {}", chain(&e));
+                tracing::warn!(%reason, "taking the client back");
+                Err(format!("{reason}; {}", self.adopt_back(serving)))
+            }
+        }
+    }
+
+    /// After a hand-over: the client this process started serves under another
+    /// supervisor, but still belongs to this process (and, in a pod, to this container):
+    /// wait until it exits (its successor committed, or it died), or a signal.
+    fn wait_handed_over(&mut self, serving: Generation) {
+        let Some(mut client) = self.clients.remove(&serving) else {
+            return;
+        };
+        for (_, c) in std::mem::take(&mut self.clients) {
+            c.process.release();
+        }
+        loop {
+            let (exited, signal) = {
+                let mut fds = [
+                    PollFd::new(client.process.pidfd().as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+                ];
+                match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) => {}
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot wait for the handed-over client");
+                        break;
+                    }
+                }
+                (fds[0].any().unwrap_or(false), fds[1].any().unwrap_or(false))
+            };
+            if exited {
+                let status = exit_info(client.process.reap(EXIT_TIMEOUT));
+                tracing::info!(%status, "the handed-over client exited");
+                return;
+            }
+            if signal {
+                if let Some(sig) = read_signal(&self.signals) {
+                    // Leaving kills the client with this pod; its supervisor restarts
+                    // it from the write journal (a crash, not an error).
+                    tracing::warn!(signal = %sig, "stopping while the handed-over client serves");
+                    client.process.release();
+                    return;
+                }
             }
         }
     }
@@ -835,6 +970,11 @@ impl Driver {
                 if let Err(e) = conn.respond(&response) {
                     tracing::warn!(error = %chain(&e), "cannot answer `baton upgrade --supervisor`");
                 }
+                return Ok(());
+            }
+            End::HandedOver(serving) => {
+                self.control.keep_file();
+                self.wait_handed_over(serving);
                 return Ok(());
             }
             End::Signal(sig) => {
