@@ -178,7 +178,7 @@ fn helm_chart_renders_the_objects_that_matter() {
         role["rules"],
         json!([
             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete", "patch"]},
-            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "create", "delete", "patch"]},
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "create", "delete"]},
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "create", "update"]},
         ])
     );
@@ -361,6 +361,7 @@ async fn mount_pods_through_a_real_api_server() {
         kubeconfig: cluster.kubeconfig(ADMIN_TOKEN).unwrap(),
         node_name: "node-a".into(),
         binaries: HashMap::from([("baton".to_string(), baton_bin())]),
+        images: HashMap::new(),
         log_dir: d.dir.path().join("kubelet"),
     })
     .unwrap();
@@ -403,9 +404,10 @@ async fn mount_pods_through_a_real_api_server() {
         .unwrap();
     let sowner = &secret.metadata.owner_references.as_ref().unwrap()[0];
     assert_eq!(
-        (sowner.kind.as_str(), Some(sowner.uid.clone())),
-        ("Pod", pod.metadata.uid.clone())
+        (sowner.kind.as_str(), sowner.uid.as_str()),
+        ("Node", node_a_uid.as_str())
     );
+    assert_eq!(spec.host_pid, Some(true));
     assert_eq!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Running")

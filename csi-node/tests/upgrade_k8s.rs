@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use csi_node::proto::node_client::NodeClient;
 use csi_node::upgrade::request::{Phase, STATUS_ANNOTATION, UPGRADE_ANNOTATION, UpgradeStatus};
 use k8s_openapi::api::core::v1::{Event, Node, PersistentVolume, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -161,16 +162,20 @@ where
     }
 }
 
-/// The generation serving `mountpoint`, from `baton status --json`.
-fn generation(d: &Driver, mountpoint: &str) -> u64 {
+/// `baton status --json` of `mountpoint`.
+fn mount_status(d: &Driver, mountpoint: &str) -> serde_json::Value {
     let out = std::process::Command::new(baton_bin())
         .args(["status", mountpoint, "--json"])
         .env("BATON_HOME", d.state.join("home"))
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["generation"].as_u64().unwrap()
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The generation serving `mountpoint`.
+fn generation(d: &Driver, mountpoint: &str) -> u64 {
+    mount_status(d, mountpoint)["generation"].as_u64().unwrap()
 }
 
 async fn annotate<K>(api: &Api<K>, name: &str, value: &str)
@@ -185,6 +190,17 @@ where
 
 /// Waits for the final status answering `request` on mount pod `pod`.
 async fn final_status(pods: &Api<Pod>, pod: &str, request: &str) -> UpgradeStatus {
+    final_status_from(pods, pod, request, None).await
+}
+
+/// Waits for the final status answering `request` from `source` (any, if `None`) on
+/// mount pod `pod`.
+async fn final_status_from(
+    pods: &Api<Pod>,
+    pod: &str,
+    request: &str,
+    source: Option<&str>,
+) -> UpgradeStatus {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let p = pods.get(pod).await.unwrap();
@@ -194,7 +210,10 @@ async fn final_status(pods: &Api<Pod>, pod: &str, request: &str) -> UpgradeStatu
             .as_ref()
             .and_then(|a| a.get(STATUS_ANNOTATION))
             .and_then(|s| UpgradeStatus::from_json(s));
-        if let Some(st) = st.filter(|s| s.request == request && s.phase.is_final()) {
+        let wanted = |s: &UpgradeStatus| {
+            s.request == request && s.phase.is_final() && source.is_none_or(|x| s.source == x)
+        };
+        if let Some(st) = st.filter(wanted) {
             return st;
         }
         assert!(
@@ -259,8 +278,9 @@ fn pv(name: &str, handle: &str) -> PersistentVolume {
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn annotations_upgrade_the_right_mounts_through_a_real_api_server() {
+/// A kube-apiserver with the chart applied, node-a, and PersistentVolumes pv-one and
+/// pv-two; returns the cluster, an admin client and baton-csi's service account.
+async fn cluster_with_node_a() -> (KubeCluster, kube::Client, User) {
     let sa = User::service_account(NS, "baton-baton-csi-node");
     let cluster = KubeCluster::start(std::slice::from_ref(&sa)).await.unwrap();
     let admin = cluster.client().await.unwrap();
@@ -273,15 +293,98 @@ async fn annotations_upgrade_the_right_mounts_through_a_real_api_server() {
     create_service_account(&admin, NS, "default").await.unwrap();
     let objects = render_chart(&chart_dir(), RELEASE, NS, &json!({})).unwrap();
     apply_all(&admin, &objects, NS).await.unwrap();
-    let nodes: Api<Node> = Api::all(admin.clone());
     let node: Node = serde_json::from_value(json!({"metadata": {"name": "node-a"}})).unwrap();
-    nodes.create(&PostParams::default(), &node).await.unwrap();
+    Api::<Node>::all(admin.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .unwrap();
     let pvs: Api<PersistentVolume> = Api::all(admin.clone());
     for (name, handle) in [("pv-one", "handle-one"), ("pv-two", "handle-two")] {
         pvs.create(&PostParams::default(), &pv(name, handle))
             .await
             .unwrap();
     }
+    (cluster, admin, sa)
+}
+
+/// baton-csi of node-a in pod mode (image `baton:test`) with `extra` arguments, and the
+/// fake kubelet of node-a: with `images` empty it runs `baton` as this build, else the
+/// images' directories.
+async fn start_node_a(
+    cluster: &KubeCluster,
+    sa: &User,
+    extra: Vec<String>,
+    images: HashMap<String, PathBuf>,
+) -> (Driver, FakeKubelet) {
+    let mut args: Vec<String> = ["--namespace", NS, "--mount-image", "baton:test"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(extra);
+    let d = Driver::start(DriverOptions {
+        mount_mode: "pod",
+        node_id: "node-a".into(),
+        extra_args: args,
+        env: vec![(
+            "KUBECONFIG".into(),
+            cluster.kubeconfig(&sa.token).unwrap().display().to_string(),
+        )],
+        ..Default::default()
+    });
+    let kubelet = FakeKubelet::start(KubeletConfig {
+        kubeconfig: cluster.kubeconfig(ADMIN_TOKEN).unwrap(),
+        node_name: "node-a".into(),
+        binaries: HashMap::from([("baton".to_string(), baton_bin())]),
+        images,
+        log_dir: d.dir.path().join("kubelet"),
+    })
+    .unwrap();
+    d.wait_ready().await;
+    (d, kubelet)
+}
+
+/// Stops the workload and checks that the applications saw nothing.
+fn finish_clean(workload: Workload) {
+    let (records, errors, problems) = workload.finish();
+    eprintln!("workload: {records} records, {errors} errors");
+    assert!(records > 0);
+    assert_eq!(errors, 0, "application errors: {problems:?}");
+}
+
+/// Unpublishes the targets through the driver and waits until the mount pods are gone.
+async fn unpublish_all(
+    node: &mut NodeClient<tonic::transport::Channel>,
+    pods: &Api<Pod>,
+    targets: &[(&str, &Path)],
+) {
+    for (vol, t) in targets {
+        node.node_unpublish_volume(unpublish_req(vol, t))
+            .await
+            .unwrap();
+    }
+    let pods = pods.clone();
+    wait_until(
+        "the mount pods are deleted",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                pods.list(&ListParams::default().labels("app.kubernetes.io/component=mount"))
+                    .await
+                    .unwrap()
+                    .items
+                    .is_empty()
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn annotations_upgrade_the_right_mounts_through_a_real_api_server() {
+    let (cluster, admin, sa) = cluster_with_node_a().await;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let pvs: Api<PersistentVolume> = Api::all(admin.clone());
 
     // The image's client binaries: version 0.2.0 is this build's baton-fs.
     let images = tempfile::tempdir().unwrap();
@@ -294,33 +397,18 @@ async fn annotations_upgrade_the_right_mounts_through_a_real_api_server() {
     .unwrap();
     let counts_file = images.path().join("api-requests.json");
 
-    let mut d = Driver::start(DriverOptions {
-        mount_mode: "pod",
-        node_id: "node-a".into(),
-        extra_args: vec![
-            "--namespace".into(),
-            NS.into(),
-            "--mount-image".into(),
-            "baton:test".into(),
+    let (mut d, _kubelet) = start_node_a(
+        &cluster,
+        &sa,
+        vec![
             "--client-binaries-dir".into(),
             images.path().join("clients").display().to_string(),
             "--api-request-counts".into(),
             counts_file.display().to_string(),
         ],
-        env: vec![(
-            "KUBECONFIG".into(),
-            cluster.kubeconfig(&sa.token).unwrap().display().to_string(),
-        )],
-        ..Default::default()
-    });
-    let _kubelet = FakeKubelet::start(KubeletConfig {
-        kubeconfig: cluster.kubeconfig(ADMIN_TOKEN).unwrap(),
-        node_name: "node-a".into(),
-        binaries: HashMap::from([("baton".to_string(), baton_bin())]),
-        log_dir: d.dir.path().join("kubelet"),
-    })
-    .unwrap();
-    d.wait_ready().await;
+        HashMap::new(),
+    )
+    .await;
     assert!(
         d.state.join("bin").join(VERSION).join("baton-fs").is_file(),
         "the client binary was not installed on the node"
@@ -432,23 +520,11 @@ async fn annotations_upgrade_the_right_mounts_through_a_real_api_server() {
     );
     assert_eq!(generation(&d, &mp_a), ga + 1);
 
-    // 5. The Node: a pod upgrade is parsed but not supported yet; then a binary upgrade
-    // of every mount on it.
-    annotate(&nodes, "node-a", "pod:ghcr.io/baton-fs/baton:0.2.0").await;
-    for p in [&pod_a, &pod_b] {
-        let st = final_status(&pods, p, "pod:ghcr.io/baton-fs/baton:0.2.0").await;
-        assert_eq!(st.phase, Phase::Failed);
-        assert!(st.reason.unwrap().contains("not supported yet"));
-    }
-    wait_event(&admin, "default", "node-a", "UpgradeRefused").await;
-    assert_eq!(
-        (generation(&d, &mp_a), generation(&d, &mp_b)),
-        (ga + 1, gb + 1)
-    );
+    // 5. The Node: a binary upgrade of every mount on it.
     annotate(&nodes, "node-a", &format!("binary:{VERSION}")).await;
     for p in [&pod_a, &pod_b] {
-        let st = final_status(&pods, p, &format!("binary:{VERSION}")).await;
-        assert_eq!(st.source, "node/node-a");
+        let st =
+            final_status_from(&pods, p, &format!("binary:{VERSION}"), Some("node/node-a")).await;
         assert_eq!(st.phase, Phase::Succeeded, "{st:?}");
     }
     assert_eq!(
@@ -489,6 +565,11 @@ async fn annotations_upgrade_the_right_mounts_through_a_real_api_server() {
     let mp_c = d2.backend_mounts().pop().unwrap().display().to_string();
     let gc = generation(&d2, &mp_c);
     let workload_b = Workload::start(std::slice::from_ref(&t3));
+    // A pod upgrade needs mount pods: refused, the mount untouched.
+    annotate(&nodes, "node-b", "pod:baton:0.2.0").await;
+    let ev = wait_event(&admin, "default", "node-b", "UpgradeRefused").await;
+    assert!(ev.message.unwrap().contains("mount pod mode"));
+    assert_eq!(generation(&d2, &mp_c), gc);
     annotate(&nodes, "node-b", &format!("binary:{VERSION}")).await;
     let ev = wait_event(&admin, "default", "node-b", "UpgradeSucceeded").await;
     assert!(ev.message.unwrap().contains("paused"));
@@ -518,10 +599,7 @@ async fn annotations_upgrade_the_right_mounts_through_a_real_api_server() {
     drop(d2);
 
     // The applications saw nothing.
-    let (records, errors, problems) = workload.finish();
-    eprintln!("workload: {records} records, {errors} errors");
-    assert!(records > 0);
-    assert_eq!(errors, 0, "application errors: {problems:?}");
+    finish_clean(workload);
     let c = api_counts(&counts_file);
     eprintln!("API requests of baton-csi over the whole test: {c:?}");
     // One watch per kind (pods, node, PVs); a watch is re-opened only after the API
@@ -529,25 +607,247 @@ async fn annotations_upgrade_the_right_mounts_through_a_real_api_server() {
     assert!(c.get("watch_metadata").copied().unwrap_or(0) >= 3, "{c:?}");
 
     // Cleanup through the driver: the mount pods go.
-    for (vol, t) in [("handle-one", &t1), ("handle-two", &t2)] {
-        node.node_unpublish_volume(unpublish_req(vol, t))
-            .await
-            .unwrap();
+    unpublish_all(
+        &mut node,
+        &pods,
+        &[("handle-one", &t1), ("handle-two", &t2)],
+    )
+    .await;
+    d.kill();
+}
+
+/// Mount pods of backend `mountpoint` (by its annotation), with their phase.
+async fn pods_of(pods: &Api<Pod>, mountpoint: &str) -> Vec<Pod> {
+    pods.list(&ListParams::default().labels("app.kubernetes.io/component=mount"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("baton.dev/mountpoint"))
+                .is_some_and(|m| m == mountpoint)
+        })
+        .collect()
+}
+
+/// Waits until the mount at `mountpoint` has one pod left.
+async fn wait_one_pod(pods: &Api<Pod>, mountpoint: &str, what: &str) {
+    wait_until(what, Duration::from_secs(60), || async {
+        pods_of(pods, mountpoint).await.len() == 1
+    })
+    .await;
+}
+
+/// The status of the mount's pod that answers `request` (a pod upgrade moves the status
+/// to the new pod), once final.
+async fn final_status_of_mount(
+    pods: &Api<Pod>,
+    mountpoint: &str,
+    request: &str,
+) -> (String, UpgradeStatus) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        for p in pods_of(pods, mountpoint).await {
+            let st = p
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(STATUS_ANNOTATION))
+                .and_then(|s| UpgradeStatus::from_json(s));
+            if let Some(st) = st.filter(|s| s.request == request && s.phase.is_final()) {
+                return (p.metadata.name.clone().unwrap(), st);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no final status for {request} on the pods of {mountpoint}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The version of the client serving `mountpoint`.
+fn client_version(d: &Driver, mountpoint: &str) -> String {
+    mount_status(d, mountpoint)["client_version"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A directory playing an image: `baton` (this build) and `client` as `baton-fs`.
+fn image_dir(root: &Path, name: &str, client: &Path) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(baton_bin(), dir.join("baton")).unwrap();
+    std::fs::copy(client, dir.join("baton-fs")).unwrap();
+    dir
+}
+
+/// Pod upgrades through a real API server under the verifying workload: a new mount pod
+/// of the new image takes each mount over (supervisor to supervisor, client moved to the
+/// image's baton-fs) and the old pod goes; an image that cannot be pulled and a
+/// successor client that crashes are refused or rolled back with every mount serving; a
+/// later upgrade of the Node recovers the rolled-back mount. The API writes of one pod
+/// upgrade are counted. Zero application errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pod_upgrades_move_mounts_to_new_mount_pods() {
+    let (cluster, admin, sa) = cluster_with_node_a().await;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let pvs: Api<PersistentVolume> = Api::all(admin.clone());
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+
+    // Images: baton:test is this build; baton:v2 has the alt client (another version);
+    // baton:crash has a client that exits at once.
+    let images = tempfile::tempdir().unwrap();
+    let alt = baton_bin().with_file_name("baton-fs-alt");
+    assert!(
+        alt.exists(),
+        "build baton-fs-alt: cargo build -p upgrade-tests --bins"
+    );
+    let crash = images.path().join("crash-client");
+    std::fs::write(&crash, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(&crash, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let image_map = HashMap::from([
+        (
+            "baton:test".to_string(),
+            baton_bin().parent().unwrap().to_path_buf(),
+        ),
+        ("baton:v2".to_string(), image_dir(images.path(), "v2", &alt)),
+        (
+            "baton:crash".to_string(),
+            image_dir(images.path(), "crash", &crash),
+        ),
+    ]);
+    let counts_file = images.path().join("api-requests.json");
+    let (mut d, _kubelet) = start_node_a(
+        &cluster,
+        &sa,
+        vec![
+            "--api-request-counts".into(),
+            counts_file.display().to_string(),
+        ],
+        image_map,
+    )
+    .await;
+
+    let mut node = d.node().await;
+    let t1 = kubelet_target(&d, "uid-1", "pv-one");
+    let t2 = kubelet_target(&d, "uid-2", "pv-two");
+    let s1 = embedded_secrets(&d.dir.path().join("v1"));
+    let s2 = embedded_secrets(&d.dir.path().join("v2"));
+    node.node_publish_volume(publish_req("handle-one", &t1, &s1, None, false))
+        .await
+        .unwrap();
+    node.node_publish_volume(publish_req("handle-two", &t2, &s2, None, false))
+        .await
+        .unwrap();
+    // pv-one's mount first: the one t1 is a bind of (same device).
+    let dev = |p: &Path| std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(p).unwrap());
+    let mut mps: Vec<String> = d
+        .backend_mounts()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    mps.sort_by_key(|m| dev(Path::new(m)) != dev(&t1));
+    let pod_of = |mp: String| {
+        let pods = pods.clone();
+        async move { pods_of(&pods, &mp).await[0].metadata.name.clone().unwrap() }
+    };
+    let (mp_a, mp_b) = (mps[0].clone(), mps[1].clone());
+    let (pod_a, pod_b) = (pod_of(mp_a.clone()).await, pod_of(mp_b.clone()).await);
+    let (ga, gb) = (generation(&d, &mp_a), generation(&d, &mp_b));
+    let v1 = client_version(&d, &mp_a);
+    let workload = Workload::start(&[t1.clone(), t2.clone()]);
+
+    // 1. The mount pod of mount a: a new pod of baton:v2 serves it, the old pod goes.
+    let before = api_counts(&counts_file);
+    annotate(&pods, &pod_a, "pod:baton:v2").await;
+    let ev = wait_event(&admin, NS, &pod_a, "UpgradeSucceeded").await;
+    eprintln!("pod upgrade: {:?}", ev.message);
+    let (new_a, st) = final_status_of_mount(&pods, &mp_a, "pod:baton:v2").await;
+    assert_eq!(st.phase, Phase::Succeeded, "{st:?}");
+    assert_eq!(st.generation, Some(ga + 1), "{st:?}");
+    assert!(st.pause_ms.is_some(), "{st:?}");
+    assert_ne!(new_a, pod_a);
+    assert_eq!(generation(&d, &mp_a), ga + 1);
+    assert!(
+        client_version(&d, &mp_a).ends_with("-alt"),
+        "{}",
+        client_version(&d, &mp_a)
+    );
+    assert_eq!(generation(&d, &mp_b), gb, "the other mount was upgraded");
     let pods2 = pods.clone();
+    let gone = pod_a.clone();
     wait_until(
-        "the mount pods are deleted",
+        "the replaced mount pod is deleted",
         Duration::from_secs(60),
         || {
-            let pods = pods2.clone();
-            async move {
-                pods.list(&ListParams::default().labels("app.kubernetes.io/component=mount"))
-                    .await
-                    .unwrap()
-                    .items
-                    .is_empty()
-            }
+            let (pods, gone) = (pods2.clone(), gone.clone());
+            async move { pods.get_opt(&gone).await.unwrap().is_none() }
         },
+    )
+    .await;
+    let per_upgrade = diff(&api_counts(&counts_file), &before);
+    let writes: u64 = per_upgrade
+        .iter()
+        .filter(|(k, _)| csi_node::kube::counting::is_write(k))
+        .map(|(_, v)| v)
+        .sum();
+    eprintln!("API requests of baton-csi for one pod upgrade: {per_upgrade:?} ({writes} writes)");
+    // The pod create and the Event; the old pod's delete; the final status on the new pod.
+    assert_eq!(per_upgrade.get("create"), Some(&2), "{per_upgrade:?}");
+    assert_eq!(per_upgrade.get("delete"), Some(&1), "{per_upgrade:?}");
+    assert_eq!(per_upgrade.get("patch"), Some(&1), "{per_upgrade:?}");
+    assert_eq!(writes, 4, "{per_upgrade:?}");
+
+    // 2. An image that cannot be pulled: failed with the reason, the new pod removed,
+    // the mount untouched under its pod.
+    annotate(&pods, &new_a, "pod:baton:missing").await;
+    let st = final_status(&pods, &new_a, "pod:baton:missing").await;
+    assert_eq!(st.phase, Phase::Failed, "{st:?}");
+    assert!(
+        st.reason.as_deref().unwrap().contains("ErrImagePull"),
+        "{st:?}"
+    );
+    assert_eq!(generation(&d, &mp_a), ga + 1);
+    wait_event(&admin, NS, &new_a, "UpgradeFailed").await;
+    wait_one_pod(&pods, &mp_a, "the failed mount pod is deleted").await;
+
+    // 3. A successor whose client crashes (pv-two's mount): the new pod takes over, its
+    // client does not start, the upgrade rolls back and the old client serves on.
+    annotate(&pvs, "pv-two", "pod:baton:crash").await;
+    let (holder, st) = final_status_of_mount(&pods, &mp_b, "pod:baton:crash").await;
+    assert_eq!(st.phase, Phase::RolledBack, "{st:?}");
+    assert_eq!(st.generation, Some(gb), "{st:?}");
+    assert_ne!(holder, pod_b);
+    assert_eq!(generation(&d, &mp_b), gb);
+    assert_eq!(client_version(&d, &mp_b), v1);
+    wait_event(&admin, "default", "pv-two", "UpgradeFailed").await;
+
+    // 4. The Node to baton:v2: mount a already runs it; mount b moves to a third pod, and
+    // the pods it came through go.
+    annotate(&nodes, "node-a", "pod:baton:v2").await;
+    let ev = wait_event(&admin, "default", "node-a", "UpgradeSucceeded").await;
+    eprintln!("node pod upgrade: {:?}", ev.message);
+    let (_, st) = final_status_of_mount(&pods, &mp_b, "pod:baton:v2").await;
+    assert_eq!(
+        (st.phase, st.generation),
+        (Phase::Succeeded, Some(gb + 1)),
+        "{st:?}"
+    );
+    assert!(client_version(&d, &mp_b).ends_with("-alt"));
+    assert_eq!(generation(&d, &mp_a), ga + 1, "mount a was upgraded again");
+    wait_one_pod(&pods, &mp_b, "mount b's earlier pods are deleted").await;
+
+    finish_clean(workload);
+
+    unpublish_all(
+        &mut node,
+        &pods,
+        &[("handle-one", &t1), ("handle-two", &t2)],
     )
     .await;
     d.kill();

@@ -24,6 +24,7 @@ use csi_node::rollout::{Action, Ended, Rollout};
 use csi_node::upgrade::binaries::BinaryStore;
 use csi_node::upgrade::executor::Executor;
 use csi_node::upgrade::handle::Handler;
+use csi_node::upgrade::pod::PodUpgrader;
 use csi_node::upgrade::slots::{DEFAULT_LEASE_SECS, SlotPool};
 use csi_node::upgrade::watch::WatchConfig;
 
@@ -298,27 +299,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         } else {
             None
         };
-        let mounter: Arc<dyn Mounter> = match args.mount_mode {
-            MountMode::Process => Arc::new(ProcessMounter {
-                baton: baton.clone(),
-                mount_timeout: args.mount_timeout,
-            }),
-            MountMode::Pod => {
+        let pod_config = matches!(args.mount_mode, MountMode::Pod).then(|| MountPodConfig {
+            namespace: args.namespace.clone(),
+            node_name: node_id.clone(),
+            image: args.mount_image.clone(),
+            state_dir: args.state_dir.clone(),
+            priority_class: Some(args.mount_pod_priority_class.clone()).filter(|s| !s.is_empty()),
+            cpu_request: Some(args.mount_pod_cpu_request.clone()).filter(|s| !s.is_empty()),
+            memory_request: Some(args.mount_pod_memory_request.clone()).filter(|s| !s.is_empty()),
+            memory_limit: Some(args.mount_pod_memory_limit.clone()).filter(|s| !s.is_empty()),
+            mount_timeout: args.mount_timeout,
+        });
+        let mounter: Arc<dyn Mounter> = match &pod_config {
+            Some(config) => {
                 let client = client.clone().context("no API client")?;
-                let config = MountPodConfig {
-                    namespace: args.namespace.clone(),
-                    node_name: node_id.clone(),
-                    image: args.mount_image.clone(),
-                    state_dir: args.state_dir.clone(),
-                    priority_class: Some(args.mount_pod_priority_class.clone())
-                        .filter(|s| !s.is_empty()),
-                    cpu_request: Some(args.mount_pod_cpu_request.clone()).filter(|s| !s.is_empty()),
-                    memory_request: Some(args.mount_pod_memory_request.clone())
-                        .filter(|s| !s.is_empty()),
-                    memory_limit: Some(args.mount_pod_memory_limit.clone())
-                        .filter(|s| !s.is_empty()),
-                    mount_timeout: args.mount_timeout,
-                };
+                let config = config.clone();
                 Arc::new(PodMounter::new(
                     client,
                     config,
@@ -326,6 +321,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     tokio::runtime::Handle::current(),
                 ))
             }
+            None => Arc::new(ProcessMounter {
+                baton: baton.clone(),
+                mount_timeout: args.mount_timeout,
+            }),
         };
         let publisher = Arc::new(Publisher::new(layout.clone(), mounter, baton.clone()));
         // Rediscover the node before answering anything.
@@ -364,6 +363,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     count: args.upgrade_slots,
                     holder: node_id.clone(),
                     lease_secs: args.upgrade_slot_lease.max(3),
+                }),
+                pods: pod_config.map(|config| PodUpgrader {
+                    client: client.clone(),
+                    config,
                 }),
             };
             let cfg = WatchConfig {

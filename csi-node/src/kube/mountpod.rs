@@ -12,18 +12,24 @@
 //! - gets the metadata URL and credentials from a Secret through `envFrom`
 //!   (`--meta $(BATON_META_URL)`), never from its spec;
 //! - `restartPolicy: OnFailure`: a crash restarts it; `baton umount` ends it cleanly;
-//! - is owned by the Node (deleted by the garbage collector with the node); its Secret is
-//!   owned by the pod.
+//! - `hostPID: true`: a pod upgrade ([`crate::upgrade::pod`]) has the new pod's
+//!   supervisor adopt the old pod's client, which it identifies and watches by pid
+//!   (SO_PEERCRED, pidfd), so both must see the same pid namespace;
+//! - is owned by the Node (deleted by the garbage collector with the node), and so is its
+//!   Secret, which every pod of the backend uses (a pod upgrade replaces the pod, not the
+//!   Secret).
 //!
+//! A backend's pods are found by label (`baton.dev/backend` and the node's hash): the
+//! first is named [`MountPodConfig::pod_name`], a pod upgrade's successor gets a suffix.
 //! `baton-csi` unmounts a backend through the supervisor's control socket (`baton
-//! umount`), then deletes the pod and its Secret.
+//! umount`), then deletes its pods and the Secret.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
@@ -85,6 +91,11 @@ impl MountPodConfig {
 
     fn selector(&self) -> String {
         mount_pod_selector(&self.node_name)
+    }
+
+    /// The label selector of backend `id`'s mount pods on this node.
+    pub fn backend_selector(&self, id: &BackendId) -> String {
+        format!("{},{LABEL_BACKEND}={id}", self.selector())
     }
 }
 
@@ -152,6 +163,7 @@ pub fn mount_pod(
         "spec": {
             "nodeName": cfg.node_name,
             "restartPolicy": "OnFailure",
+            "hostPID": true,
             "tolerations": [{"operator": "Exists"}],
             "automountServiceAccountToken": false,
             "enableServiceLinks": false,
@@ -228,7 +240,7 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
 }
 
 /// Why a mount pod is not running, if its status says.
-fn pod_problem(pod: &Pod) -> Option<(bool, String)> {
+pub fn pod_problem(pod: &Pod) -> Option<(bool, String)> {
     let status = pod.status.as_ref()?;
     if status.phase.as_deref() == Some("Failed") {
         return Some((
@@ -286,30 +298,47 @@ impl PodMounter {
         Api::namespaced(self.client.clone(), &self.config.namespace)
     }
 
-    /// Deletes the pod and its Secret (missing ones are fine) and waits until the pod
-    /// object is gone (its kubelet has stopped it).
-    async fn delete_pod(&self, name: &str, wait: Duration) -> Result<(), MountError> {
+    /// Deletes every mount pod of backend `id` on this node and its Secret (missing ones
+    /// are fine) and waits until the pod objects are gone (their kubelet stopped them).
+    async fn delete_pods(&self, id: &BackendId, wait: Duration) -> Result<(), MountError> {
         let dp = DeleteParams::default();
-        match self.pods().delete(name, &dp).await {
+        let lp = ListParams::default().labels(&self.config.backend_selector(id));
+        let names = |list: kube::core::ObjectList<kube::core::PartialObjectMeta<Pod>>| {
+            list.items
+                .into_iter()
+                .filter_map(|p| p.metadata.name)
+                .collect::<Vec<String>>()
+        };
+        let pods = names(self.pods().list_metadata(&lp).await.map_err(kube_err)?);
+        for name in &pods {
+            match self.pods().delete(name, &dp).await {
+                Ok(_) => {}
+                Err(e) if is_status(&e, 404) => {}
+                Err(e) => return Err(kube_err(e)),
+            }
+        }
+        match self.secrets().delete(&self.config.pod_name(id), &dp).await {
             Ok(_) => {}
             Err(e) if is_status(&e, 404) => {}
             Err(e) => return Err(kube_err(e)),
         }
-        match self.secrets().delete(name, &dp).await {
-            Ok(_) => {}
-            Err(e) if is_status(&e, 404) => {}
-            Err(e) => return Err(kube_err(e)),
+        if pods.is_empty() {
+            return Ok(());
         }
         let deadline = Instant::now() + wait;
-        while self.pods().get_opt(name).await.map_err(kube_err)?.is_some() {
+        loop {
+            let left = names(self.pods().list_metadata(&lp).await.map_err(kube_err)?);
+            if left.is_empty() {
+                return Ok(());
+            }
             if Instant::now() >= deadline {
                 return Err(MountError::Other(format!(
-                    "mount pod {name} is still terminating"
+                    "mount pods {} are still terminating",
+                    left.join(", ")
                 )));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Ok(())
     }
 
     async fn mount_async(
@@ -323,18 +352,10 @@ impl PodMounter {
             .await
             .map_err(kube_err)?;
         let node_uid = node.metadata.uid.unwrap_or_default();
-        if self
-            .pods()
-            .get_opt(&name)
-            .await
-            .map_err(kube_err)?
-            .is_some()
-        {
-            // Whatever it is doing, it does not serve this mountpoint (the caller found
-            // nothing mounted there): start afresh, with the current secrets.
-            tracing::info!(pod = %name, "replacing a leftover mount pod");
-            self.delete_pod(&name, self.config.mount_timeout).await?;
-        }
+        // Whatever leftover pods of this backend do, they do not serve this mountpoint
+        // (the caller found nothing mounted there): start afresh, with the current secrets.
+        self.delete_pods(&spec.id, self.config.mount_timeout)
+            .await?;
         let secret = mount_secret(&self.config, spec, &node_uid);
         let pp = PostParams::default();
         match self.secrets().create(&pp, &secret).await {
@@ -351,23 +372,11 @@ impl PodMounter {
             }
             Err(e) => return Err(kube_err(e)),
         }
-        let pod = self
-            .pods()
+        self.pods()
             .create(&pp, &mount_pod(&self.config, spec, mountpoint, &node_uid))
             .await
             .map_err(kube_err)?;
         tracing::info!(pod = %name, "mount pod created");
-        // The Secret lives as long as its pod.
-        if let Some(uid) = &pod.metadata.uid {
-            let owner = json!({"metadata": {"ownerReferences": [{
-                "apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid,
-                "controller": true, "blockOwnerDeletion": true,
-            }]}});
-            self.secrets()
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&owner))
-                .await
-                .map_err(kube_err)?;
-        }
         self.wait_mounted(&name, mountpoint).await?;
         Ok(format!("{}/{}", self.config.namespace, name))
     }
@@ -426,12 +435,11 @@ impl Mounter for PodMounter {
             Ok(pod) => Ok(Some(pod)),
             Err(e) => {
                 // Leave nothing half-made behind: the CO retries from scratch.
-                let name = self.config.pod_name(&spec.id);
                 if let Err(d) = self
                     .runtime
-                    .block_on(self.delete_pod(&name, Duration::from_secs(30)))
+                    .block_on(self.delete_pods(&spec.id, Duration::from_secs(30)))
                 {
-                    tracing::warn!(pod = %name, error = %crate::error::chain(&d), "cannot remove a failed mount pod");
+                    tracing::warn!(backend = %spec.id, error = %crate::error::chain(&d), "cannot remove a failed mount pod");
                 }
                 Err(e)
             }
@@ -450,10 +458,9 @@ impl Mounter for PodMounter {
         if mounted {
             unmount_backend(&self.baton, id, mountpoint)?;
         }
-        let name = self.config.pod_name(id);
         self.runtime
-            .block_on(self.delete_pod(&name, self.config.mount_timeout))?;
-        tracing::info!(pod = %name, "mount pod deleted");
+            .block_on(self.delete_pods(id, self.config.mount_timeout))?;
+        tracing::info!(backend = %id, "mount pods deleted");
         Ok(())
     }
 

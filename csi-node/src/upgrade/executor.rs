@@ -71,9 +71,27 @@ async fn run(
     }
 }
 
+/// What `baton status --json` says of one mount (the fields baton-csi uses).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct MountState {
+    pub supervisor_pid: u64,
+    pub generation: u64,
+    pub client_version: String,
+    /// Upgrades and rollbacks since this supervisor took charge.
+    pub upgrades: u64,
+    #[serde(default)]
+    pub rollbacks: u64,
+    pub last_pause_us: Option<u64>,
+    pub last_rollback: Option<String>,
+    /// `serving`, `upgrading`, `rolling back`, `restarting` or `ended`.
+    #[serde(default)]
+    pub state: Option<String>,
+}
+
 impl Executor {
-    /// The generation serving `mountpoint` (`baton status --json`).
-    pub async fn generation(&self, mountpoint: &Path) -> Option<u64> {
+    /// The mount as its supervisor reports it (`baton status --json`); `None` if no
+    /// supervisor answers.
+    pub async fn state(&self, mountpoint: &Path) -> Option<MountState> {
         let args = ["status".as_ref(), mountpoint.as_os_str(), "--json".as_ref()];
         let (code, out, _) = run(&self.baton, &args, Duration::from_secs(10))
             .await
@@ -81,10 +99,12 @@ impl Executor {
         if code != Some(0) {
             return None;
         }
-        serde_json::from_str::<serde_json::Value>(&out)
-            .ok()?
-            .get("generation")?
-            .as_u64()
+        serde_json::from_str::<MountState>(&out).ok()
+    }
+
+    /// The generation serving `mountpoint` (`baton status --json`).
+    pub async fn generation(&self, mountpoint: &Path) -> Option<u64> {
+        self.state(mountpoint).await.map(|s| s.generation)
     }
 
     /// Upgrades the client of `mountpoint` to `binary`.

@@ -24,6 +24,7 @@ use tracing::Instrument;
 
 use super::binaries::BinaryStore;
 use super::executor::{Executor, UpgradeOutcome};
+use super::pod::PodUpgrader;
 use super::request::{Phase, STATUS_ANNOTATION, UPGRADE_ANNOTATION, UpgradeRequest, UpgradeStatus};
 use super::slots::SlotPool;
 use super::watch::{Kind, Seen};
@@ -51,6 +52,17 @@ pub struct Handler {
     pub executor: Executor,
     /// The cluster-wide upgrade slots (`None`: no limit).
     pub slots: Option<SlotPool>,
+    /// Pod upgrades (mount pod mode only).
+    pub pods: Option<PodUpgrader>,
+}
+
+/// What an upgrade request asks of each mount.
+#[derive(Clone, Copy, Debug)]
+enum Target<'a> {
+    /// Replace the client binary (from the node's state directory).
+    Binary(&'a Path),
+    /// Replace the mount pod by one of this image.
+    Pod(&'a str),
 }
 
 impl std::fmt::Debug for Handler {
@@ -188,11 +200,19 @@ impl Handler {
     async fn answer(&self, seen: &Seen, source: &str, value: &str, pending: &[BackendId]) {
         let reason = match UpgradeRequest::parse(value) {
             Err(e) => format!("malformed {UPGRADE_ANNOTATION}: {e}"),
-            Ok(UpgradeRequest::Pod(_)) => "pod upgrades are not supported yet".to_string(),
+            Ok(UpgradeRequest::Pod(image)) => match &self.pods {
+                None => "pod upgrades need mount pod mode (this node runs its mounts as processes)"
+                    .to_string(),
+                Some(_) => {
+                    self.upgrade_all(seen, source, value, pending, Target::Pod(&image))
+                        .await;
+                    return;
+                }
+            },
             Ok(UpgradeRequest::Binary(v)) => match self.store.client(&v) {
                 Err(e) => crate::error::chain(&e),
                 Ok(binary) => {
-                    self.upgrade_all(seen, source, value, pending, &binary)
+                    self.upgrade_all(seen, source, value, pending, Target::Binary(&binary))
                         .await;
                     return;
                 }
@@ -216,7 +236,7 @@ impl Handler {
         source: &str,
         value: &str,
         ids: &[BackendId],
-        binary: &Path,
+        target: Target<'_>,
     ) {
         let mut outcomes = Vec::new();
         for id in ids {
@@ -238,9 +258,14 @@ impl Handler {
                 },
             };
             tracing::info!(backend = %id, slot = ?slot.as_ref().map(|s| s.index), "upgrading");
-            self.set_status(id, UpgradeStatus::new(Phase::Running, value, source))
-                .await;
-            let outcome = self.executor.upgrade(&mp, binary).await;
+            let running = UpgradeStatus::new(Phase::Running, value, source);
+            let outcome = match target {
+                Target::Binary(binary) => {
+                    self.set_status(id, running).await;
+                    self.executor.upgrade(&mp, binary).await
+                }
+                Target::Pod(image) => self.upgrade_pod(id, &mp, image, running).await,
+            };
             if let Some(slot) = slot {
                 slot.release().await;
             }
@@ -292,6 +317,52 @@ impl Handler {
         self.event(seen, kind, reason, &message).await;
     }
 
+    /// A pod upgrade of one mount. The `running` status goes into the new pod as it is
+    /// created (no write on the old one); the backend's record then names the pod whose
+    /// supervisor serves the mount, so the final status lands there.
+    async fn upgrade_pod(
+        &self,
+        id: &BackendId,
+        mp: &Path,
+        image: &str,
+        running: UpgradeStatus,
+    ) -> UpgradeOutcome {
+        let Some(pods) = &self.pods else {
+            return UpgradeOutcome::Failed {
+                generation: None,
+                reason: "pod upgrades need mount pod mode".into(),
+            };
+        };
+        let record_path = self.layout.backend_record(id);
+        let mut record = match read_record::<BackendRecord>(&record_path) {
+            Ok(Some(r)) => r,
+            _ => {
+                return UpgradeOutcome::Failed {
+                    generation: self.executor.generation(mp).await,
+                    reason: "no record of this mount on the node".into(),
+                };
+            }
+        };
+        let Some((_, pod)) = record.pod.as_deref().and_then(|p| p.split_once('/')) else {
+            return UpgradeOutcome::Failed {
+                generation: self.executor.generation(mp).await,
+                reason: "this mount has no mount pod (it runs as a process)".into(),
+            };
+        };
+        let pod = pod.to_string();
+        self.save_status(id, &running);
+        let done = pods
+            .upgrade(&self.executor, id, &pod, mp, image, &running)
+            .await;
+        if let Some(new_pod) = done.new_pod {
+            record.pod = Some(new_pod);
+            if let Err(e) = write_record(&record_path, &record) {
+                tracing::warn!(backend = %id, error = %crate::error::chain(&e), "cannot record the new mount pod");
+            }
+        }
+        done.outcome
+    }
+
     /// Records the final status and that `source`'s `value` is answered.
     async fn finish(&self, id: &BackendId, source: &str, value: &str, st: UpgradeStatus) {
         self.set_status(id, st).await;
@@ -300,15 +371,23 @@ impl Handler {
         self.save(id, &rec);
     }
 
-    /// Saves `st` and, if the backend has a mount pod, patches its annotation (only when
-    /// the status changed: one write per phase change).
-    async fn set_status(&self, id: &BackendId, st: UpgradeStatus) {
+    /// Saves `st` in the state directory; false if it was already the status.
+    fn save_status(&self, id: &BackendId, st: &UpgradeStatus) -> bool {
         let mut rec = self.record(id);
-        if rec.status.as_ref() == Some(&st) {
-            return;
+        if rec.status.as_ref() == Some(st) {
+            return false;
         }
         rec.status = Some(st.clone());
         self.save(id, &rec);
+        true
+    }
+
+    /// Saves `st` and, if the backend has a mount pod, patches its annotation (only when
+    /// the status changed: one write per phase change).
+    async fn set_status(&self, id: &BackendId, st: UpgradeStatus) {
+        if !self.save_status(id, &st) {
+            return;
+        }
         let pod = read_record::<BackendRecord>(&self.layout.backend_record(id))
             .ok()
             .flatten()

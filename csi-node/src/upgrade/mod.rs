@@ -9,6 +9,7 @@
 //! - [`binaries`]: client binaries copied from baton-csi's image into the state directory;
 //! - [`executor`]: `baton upgrade` / `baton status` against one mount;
 //! - [`watch`]: the node's narrowed, metadata-only watches;
+//! - [`pod`]: pod upgrades (`pod:<image>`), a new mount pod taking the mount over;
 //! - [`handle`]: from an annotation to upgraded mounts, statuses and Events.
 //!
 //! It must never leave a mount half upgraded (the supervisor commits or rolls back), nor
@@ -17,6 +18,7 @@
 pub mod binaries;
 pub mod executor;
 pub mod handle;
+pub mod pod;
 pub mod request;
 pub mod slots;
 pub mod watch;

@@ -36,8 +36,13 @@ pub struct FakeKubelet {
 pub struct KubeletConfig {
     pub kubeconfig: PathBuf,
     pub node_name: String,
-    /// Commands of containers (`command[0]`) mapped to local executables.
+    /// Commands of containers (`command[0]`) mapped to local executables (used when
+    /// `images` is empty).
     pub binaries: HashMap<String, PathBuf>,
+    /// Images mapped to local directories holding their executables (`command[0]` is
+    /// looked up there). When not empty, a pod of any other image does not start: its
+    /// container waits with `ErrImagePull`, as with an image that cannot be pulled.
+    pub images: HashMap<String, PathBuf>,
     /// Where pod process logs go (`<namespace>_<pod>.log`).
     pub log_dir: PathBuf,
 }
@@ -345,7 +350,34 @@ impl Kubelet {
             .iter()
             .map(|a| Self::host_path(pod, &expand(a, &env)))
             .collect();
-        let Some(exe) = argv.first().and_then(|a| self.cfg.binaries.get(a)) else {
+        let exe = if self.cfg.images.is_empty() {
+            argv.first().and_then(|a| self.cfg.binaries.get(a)).cloned()
+        } else {
+            let image = c.image.clone().unwrap_or_default();
+            match self.cfg.images.get(&image) {
+                Some(dir) => argv.first().map(|a| dir.join(a)),
+                None => {
+                    let reported = pod
+                        .status
+                        .as_ref()
+                        .and_then(|st| st.container_statuses.as_ref())
+                        .and_then(|cs| cs.first())
+                        .and_then(|cs| cs.state.as_ref())
+                        .and_then(|st| st.waiting.as_ref())
+                        .is_some_and(|w| w.reason.as_deref() == Some("ErrImagePull"));
+                    if reported {
+                        return Ok(());
+                    }
+                    return self
+                        .set_status(pod, json!({"phase": "Pending", "containerStatuses": [{
+                            "name": c.name, "ready": false, "restartCount": restarts, "image": image, "imageID": "",
+                            "state": {"waiting": {"reason": "ErrImagePull", "message": format!("image {image} not found")}},
+                        }]}))
+                        .await;
+                }
+            }
+        };
+        let Some(exe) = exe else {
             bail!(
                 "fake kubelet: no local binary for {:?} (pod {k})",
                 argv.first()
@@ -359,7 +391,7 @@ impl Kubelet {
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let mut cmd = Command::new(exe);
+        let mut cmd = Command::new(&exe);
         cmd.args(&argv[1..])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
