@@ -273,6 +273,16 @@ impl KubeCluster {
         format!("https://127.0.0.1:{}", self.port)
     }
 
+    /// The kube-apiserver's process id (to read its CPU time and memory in /proc).
+    pub fn apiserver_pid(&self) -> u32 {
+        self._apiserver.0.id()
+    }
+
+    /// etcd's process id.
+    pub fn etcd_pid(&self) -> u32 {
+        self._etcd.0.id()
+    }
+
     /// Writes a kubeconfig for `token` and returns its path.
     pub fn kubeconfig(&self, token: &str) -> anyhow::Result<PathBuf> {
         let path = self
