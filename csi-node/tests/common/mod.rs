@@ -350,3 +350,386 @@ pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
 pub fn is_mounted(path: &Path) -> bool {
     MountTable::read().unwrap().at(path).is_some()
 }
+
+// ---- Shared by the Kubernetes upgrade tests (upgrade_k8s, rollout_k8s,
+// rollout_scale_k8s): a verifying workload, `baton status`, images played by
+// directories, the rollout command, the slot Leases. ----
+
+/// Writes numbered records to a file it keeps open (appending, reading each record back
+/// at its offset) and to small files it rewrites, in every directory, until stopped;
+/// counts every error and mismatch, and at the end checks that the held file has every
+/// record, in order.
+pub struct Workload {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    errors: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Records done, per directory (in the order given).
+    per_dir: Vec<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    threads: Vec<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Workload {
+    /// One thread per directory, a record every 2 ms.
+    pub fn start(dirs: &[PathBuf]) -> Workload {
+        Workload::start_paced(dirs, Duration::from_millis(2))
+    }
+
+    /// One thread per directory, sleeping `pace` between records (many mounts on two
+    /// cores need a slower pace than one).
+    pub fn start_paced(dirs: &[PathBuf], pace: Duration) -> Workload {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(AtomicU64::new(0));
+        let per_dir: Vec<Arc<AtomicU64>> = dirs.iter().map(|_| Arc::default()).collect();
+        let threads = dirs
+            .iter()
+            .zip(&per_dir)
+            .map(|(dir, records)| {
+                let (dir, stop, errors, records) =
+                    (dir.clone(), stop.clone(), errors.clone(), records.clone());
+                std::thread::spawn(move || {
+                    let mut problems = Vec::new();
+                    let mut fail = |what: String| {
+                        errors.fetch_add(1, Ordering::AcqRel);
+                        if problems.len() < 10 {
+                            problems.push(format!("{}: {what}", dir.display()));
+                        }
+                    };
+                    let held = std::fs::OpenOptions::new()
+                        .create(true)
+                        .read(true)
+                        .append(true)
+                        .open(dir.join("held.log"));
+                    let mut held = match held {
+                        Ok(f) => f,
+                        Err(e) => {
+                            fail(format!("open held.log: {e}"));
+                            return problems;
+                        }
+                    };
+                    let mut n: u64 = 0;
+                    while !stop.load(Ordering::Acquire) {
+                        let rec = format!("record {n:08}\n");
+                        if let Err(e) = held.write_all(rec.as_bytes()) {
+                            fail(format!("append {n}: {e}"));
+                        }
+                        let mut back = vec![0u8; rec.len()];
+                        let read = held
+                            .seek(SeekFrom::Start(n * rec.len() as u64))
+                            .and_then(|_| held.read_exact(&mut back));
+                        match read {
+                            Ok(()) if back == rec.as_bytes() => {}
+                            Ok(()) => fail(format!("record {n} read back as {back:?}")),
+                            Err(e) => fail(format!("read back {n}: {e}")),
+                        }
+                        let f = dir.join(format!("file-{}", n % 50));
+                        match std::fs::write(&f, rec.as_bytes()).and_then(|()| std::fs::read(&f)) {
+                            Ok(b) if b == rec.as_bytes() => {}
+                            Ok(b) => fail(format!("file {n}: {b:?}")),
+                            Err(e) => fail(format!("file {n}: {e}")),
+                        }
+                        records.fetch_add(1, Ordering::AcqRel);
+                        n += 1;
+                        std::thread::sleep(pace);
+                    }
+                    // Every record is there, in order.
+                    let mut all = String::new();
+                    if let Err(e) = std::fs::File::open(dir.join("held.log"))
+                        .and_then(|mut f| f.read_to_string(&mut all))
+                    {
+                        fail(format!("reading held.log back: {e}"));
+                    }
+                    let want: String = (0..n).map(|i| format!("record {i:08}\n")).collect();
+                    if all != want {
+                        fail(format!(
+                            "held.log has {} bytes, want {} ({n} records)",
+                            all.len(),
+                            want.len()
+                        ));
+                    }
+                    problems
+                })
+            })
+            .collect();
+        Workload {
+            stop,
+            errors,
+            per_dir,
+            threads,
+        }
+    }
+
+    /// Records done so far, per directory.
+    pub fn records_per_dir(&self) -> Vec<u64> {
+        self.per_dir
+            .iter()
+            .map(|r| r.load(std::sync::atomic::Ordering::Acquire))
+            .collect()
+    }
+
+    /// Errors so far.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until every directory has done `n` more records than now (`timeout` only
+    /// bounds a hung test): every mount serves.
+    pub async fn wait_progress(&self, what: &str, n: u64, timeout: Duration) {
+        let before = self.records_per_dir();
+        wait_until(what, timeout, || async {
+            self.records_per_dir()
+                .iter()
+                .zip(&before)
+                .all(|(now, then)| *now >= then + n)
+        })
+        .await;
+    }
+
+    /// Stops and returns (records, errors, problems).
+    pub fn finish(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let problems: Vec<String> = self
+            .threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let records = self
+            .per_dir
+            .iter()
+            .map(|r| r.load(std::sync::atomic::Ordering::Acquire))
+            .sum();
+        (
+            records,
+            self.errors.load(std::sync::atomic::Ordering::Acquire),
+            problems,
+        )
+    }
+}
+
+/// Polls `f` until it holds (`timeout` only bounds a hung test).
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `baton status MOUNTPOINT --json` on `d`'s node, or `None` if no supervisor answers.
+pub fn try_mount_status(d: &Driver, mountpoint: impl AsRef<Path>) -> Option<serde_json::Value> {
+    let out = Command::new(baton_bin())
+        .arg("status")
+        .arg(mountpoint.as_ref())
+        .arg("--json")
+        .env("BATON_HOME", d.state.join("home"))
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// `baton status MOUNTPOINT --json` on `d`'s node.
+pub fn mount_status(d: &Driver, mountpoint: impl AsRef<Path>) -> serde_json::Value {
+    let mp = mountpoint.as_ref();
+    try_mount_status(d, mp).unwrap_or_else(|| panic!("no supervisor answers for {}", mp.display()))
+}
+
+/// The client generation serving `mountpoint`.
+pub fn generation(d: &Driver, mountpoint: impl AsRef<Path>) -> u64 {
+    mount_status(d, mountpoint)["generation"].as_u64().unwrap()
+}
+
+/// The version of the client serving `mountpoint`.
+pub fn client_version(d: &Driver, mountpoint: impl AsRef<Path>) -> String {
+    mount_status(d, mountpoint)["client_version"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A hard link of `from` at `to` (a copy if they are on different filesystems): the
+/// test binaries are hundreds of MB in a debug build.
+pub fn link_or_copy(from: &Path, to: &Path) {
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to).unwrap();
+    }
+}
+
+/// An executable shell script at `path` with `body`.
+pub fn script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A directory playing an image for the fake kubelet: `baton` (this build) and `client`
+/// as `baton-fs`, hard-linked, so the supervisor finds the image's client beside itself.
+pub fn image_dir_linked(root: &Path, name: &str, client: &Path) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    link_or_copy(&baton_bin(), &dir.join("baton"));
+    link_or_copy(client, &dir.join("baton-fs"));
+    dir
+}
+
+/// Runs `baton-csi rollout --namespace NS --poll 1 ARGS` with `kubeconfig` (the cluster
+/// admin's, written once: `KubeCluster::kubeconfig` rewrites the file in place), its API
+/// requests counted into `counts`; returns (exit code, stdout).
+pub async fn run_rollout(
+    kubeconfig: &Path,
+    namespace: &str,
+    counts: &Path,
+    args: &[&str],
+) -> (i32, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_baton-csi"))
+        .arg("rollout")
+        .args(["--namespace", namespace, "--poll", "1"])
+        .arg("--api-request-counts")
+        .arg(counts)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!(
+        "$ baton-csi rollout {}\n{stdout}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), stdout)
+}
+
+/// API request counts written by `--api-request-counts FILE` (verb → count).
+pub fn read_api_counts(path: &Path) -> std::collections::BTreeMap<String, u64> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// A Node's `baton.dev/upgrade` request and `baton.dev/upgrade-status`.
+pub async fn node_upgrade(
+    nodes: &kube::Api<k8s_openapi::api::core::v1::Node>,
+    name: &str,
+) -> (
+    Option<String>,
+    Option<csi_node::upgrade::request::UpgradeStatus>,
+) {
+    use csi_node::upgrade::request::{STATUS_ANNOTATION, UPGRADE_ANNOTATION, UpgradeStatus};
+    let n = nodes.get(name).await.unwrap();
+    let a = n.metadata.annotations.unwrap_or_default();
+    (
+        a.get(UPGRADE_ANNOTATION).cloned(),
+        a.get(STATUS_ANNOTATION)
+            .and_then(|s| UpgradeStatus::from_json(s)),
+    )
+}
+
+/// A kube-apiserver + etcd with namespace `namespace`, its `default` service account and
+/// the chart (release `release`) applied; returns the cluster and an admin client. `sa`
+/// (e.g. `User::service_account(ns, "<release>-baton-csi-node")`) gets a token.
+pub async fn cluster_with_chart(
+    namespace: &str,
+    release: &str,
+    sa: &testkit::kube::User,
+) -> (testkit::kube::KubeCluster, kube::Client) {
+    use kube::api::{Api, PostParams};
+    let cluster = testkit::kube::KubeCluster::start(std::slice::from_ref(sa))
+        .await
+        .unwrap();
+    let admin = cluster.client().await.unwrap();
+    let ns: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}})).unwrap();
+    Api::all(admin.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    testkit::kube::create_service_account(&admin, namespace, "default")
+        .await
+        .unwrap();
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/baton-csi");
+    let objects =
+        testkit::kube::render_chart(&chart, release, namespace, &serde_json::json!({})).unwrap();
+    testkit::kube::apply_all(&admin, &objects, namespace)
+        .await
+        .unwrap();
+    (cluster, admin)
+}
+
+/// Watches the upgrade slot Leases of `namespace`; records the most live holders seen at
+/// once and every holder.
+#[derive(Clone, Default)]
+pub struct SlotWatch {
+    pub holders: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>,
+    pub max_at_once: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub ever: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+}
+
+impl SlotWatch {
+    pub fn start(admin: kube::Client, namespace: &str) -> SlotWatch {
+        use k8s_openapi::api::coordination::v1::Lease;
+        use kube::api::{Api, WatchEvent, WatchParams};
+        use std::sync::atomic::Ordering;
+        use tokio_stream::StreamExt;
+        let w = SlotWatch::default();
+        let w2 = w.clone();
+        let api: Api<Lease> = Api::namespaced(admin, namespace);
+        tokio::spawn(async move {
+            let mut version = "0".to_string();
+            loop {
+                // Ends with the cluster (at the end of the test).
+                let Ok(stream) = api
+                    .watch(&WatchParams::default().timeout(60), &version)
+                    .await
+                else {
+                    return;
+                };
+                let mut stream = std::pin::pin!(stream);
+                while let Some(Ok(ev)) = stream.next().await {
+                    let (l, gone) = match ev {
+                        WatchEvent::Added(l) | WatchEvent::Modified(l) => (l, false),
+                        WatchEvent::Deleted(l) => (l, true),
+                        _ => continue,
+                    };
+                    version = l.metadata.resource_version.clone().unwrap_or(version);
+                    let Some(name) = l.metadata.name.clone() else {
+                        continue;
+                    };
+                    if csi_node::upgrade::slots::slot_index(&name).is_none() {
+                        continue;
+                    }
+                    let holder = l
+                        .spec
+                        .and_then(|s| s.holder_identity)
+                        .filter(|h| !h.is_empty() && !gone);
+                    let mut holders = w2.holders.lock().unwrap();
+                    match holder {
+                        Some(h) => {
+                            w2.ever.lock().unwrap().insert(h.clone());
+                            holders.insert(name, h);
+                        }
+                        None => {
+                            holders.remove(&name);
+                        }
+                    }
+                    w2.max_at_once
+                        .fetch_max(holders.len() as u64, Ordering::AcqRel);
+                }
+            }
+        });
+        w
+    }
+
+    pub fn max_at_once(&self) -> u64 {
+        self.max_at_once.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
