@@ -329,17 +329,28 @@ impl Machine {
                     deadline,
                 };
                 let takeover = hello.capabilities.iter().any(|c| c == capability::TAKEOVER);
-                let state_version = r.snapshot.as_ref().map(|s| s.version);
-                if !takeover || state_version.is_some_and(|v| !hello.state_versions.contains(&v)) {
-                    let why = match state_version {
-                        Some(v) => format!(
-                            "the client cannot take over state version {v} (it announces {hello:?})"
-                        ),
-                        None => format!(
-                            "the client cannot take over a connection (it announces {hello:?})"
-                        ),
-                    };
+                if !takeover {
+                    let why = format!(
+                        "the client cannot take over a connection (it announces {hello:?})"
+                    );
                     return self.attempt_failed(now, r, why);
+                }
+                if let Some(v) = r
+                    .snapshot
+                    .as_ref()
+                    .map(|s| s.version)
+                    .filter(|v| !hello.state_versions.contains(v))
+                {
+                    // The binary on disk is not the one that exported the state (replaced
+                    // since, or a successor's version was negotiated): it would refuse that
+                    // state on every attempt. A client restarts without a state after any
+                    // crash (handles are rebuilt from their numbers), so this one does too.
+                    tracing::warn!(
+                        state_version = v,
+                        ?hello,
+                        "the restarted client cannot take over the handed-over state: restarting it without one"
+                    );
+                    r.snapshot = None;
                 }
                 if session != r.base.session {
                     let why = format!(

@@ -140,7 +140,11 @@ fn play(first: Script, resend: bool, scripts: Vec<Script>, ops: Vec<Op>) {
     sim.run(Duration::from_secs(3600));
 
     let phase = sim.phase();
-    assert!(matches!(phase, PhaseKind::Idle), "ended in {phase:?}");
+    assert!(
+        matches!(phase, PhaseKind::Idle),
+        "ended in {phase:?} after {:#?}",
+        sim.seen
+    );
     assert_eq!(
         sim.reports().len(),
         sim.requests,
@@ -261,4 +265,75 @@ proptest! {
         prop_assert_eq!(sim.m.serving().generation, Generation(1 + n as u64));
         prop_assert_eq!(sim.m.stats().upgrades, n as u64);
     }
+}
+
+/// Found by `random_interleavings_keep_the_guarantees` (2026-11-27): the serving client
+/// (announcing state versions 1 and 2) dies right after it exported a version-2 state to
+/// a successor; the clients restarted from that state announce only version 1. They
+/// used to be refused on every attempt, forever; now they restart without a state.
+#[test]
+fn restarts_that_cannot_take_the_state_over_restart_without_it() {
+    let plain = || Script {
+        version: "x".into(),
+        hello: Hello {
+            state_versions: vec![1],
+            capabilities: vec![
+                capability::PARK_RESEND.into(),
+                capability::DRAIN.into(),
+                capability::TAKEOVER.into(),
+            ],
+        },
+        session: None,
+        fault: None,
+        init_reply: None,
+        state_len: 0,
+        first_request_after: None,
+    };
+    let v12 = || Script {
+        hello: Hello {
+            state_versions: vec![1, 2],
+            capabilities: vec![capability::PARK_RESEND.into(), capability::TAKEOVER.into()],
+        },
+        ..plain()
+    };
+    let scripts = vec![
+        plain(),
+        Script {
+            fault: Some((Point::Frozen, Fault::Crash)),
+            ..v12()
+        },
+        v12(),
+    ];
+    use Op::*;
+    let ops = vec![
+        Crash(0),
+        Request {
+            binary: 0,
+            drain: false,
+        },
+        Deliver(0),
+        RunClient(633107002328447491),
+        Deliver(0),
+        Timeout,
+        RunClient(0),
+        Deliver(3335467043521835473),
+        RunClient(0),
+        Advance(200),
+        Request {
+            binary: 0,
+            drain: false,
+        },
+        RunClient(0),
+        Deliver(0),
+        Deliver(0),
+        RunClient(0),
+        Deliver(0),
+        RunClient(0),
+        Crash(0),
+        RunClient(0),
+        RunClient(0),
+        RunClient(0),
+        RunClient(0),
+    ];
+    play(plain(), true, scripts, ops);
 }
