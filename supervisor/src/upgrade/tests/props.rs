@@ -275,14 +275,7 @@ proptest! {
 fn restarts_that_cannot_take_the_state_over_restart_without_it() {
     let plain = || Script {
         version: "x".into(),
-        hello: Hello {
-            state_versions: vec![1],
-            capabilities: vec![
-                capability::PARK_RESEND.into(),
-                capability::DRAIN.into(),
-                capability::TAKEOVER.into(),
-            ],
-        },
+        hello: hello_all(),
         session: None,
         fault: None,
         init_reply: None,
