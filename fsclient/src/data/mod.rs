@@ -48,6 +48,7 @@ pub use store::{CheckError, StoreOpenError, redact};
 use cache::BlockCache;
 use reader::{Fetcher, Layouts};
 use store::ObjectStore;
+pub use writer::CommitMarks;
 use writer::Writer;
 
 /// Cache bound used without a cache directory: the cache then lives in memory.
@@ -341,6 +342,19 @@ impl DataStore {
 
     pub fn is_dirty(&self, ino: Ino) -> bool {
         self.writer.is_dirty(ino)
+    }
+
+    /// Commit counts now, to take before reading attributes from the metadata engine
+    /// that [`DataStore::pending_end`] will complete: see [`DataStore::committed_since`].
+    pub fn commit_marks(&self) -> CommitMarks {
+        self.writer.commit_marks()
+    }
+
+    /// Whether bytes of `ino` may have been committed and dropped from the buffers since
+    /// `marks` were taken: attributes read from the engine after the marks and the
+    /// buffers' extent read now may then both miss them.
+    pub fn committed_since(&self, marks: &CommitMarks, ino: Ino) -> bool {
+        self.writer.committed_since(marks, ino)
     }
 
     /// Reads up to `size` bytes at `offset` of a file of `file_size` bytes (short at EOF).

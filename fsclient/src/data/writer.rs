@@ -18,13 +18,18 @@
 //! journal makes the writer flush the inode whose record holds the journal's tail.
 //! Replayed records are adopted (their bytes applied, their record kept), not appended.
 //!
+//! A committed slice leaves the buffers right after its commit, and every such departure
+//! is counted ([`CommitMarks`]): a reader that adds the buffers' extent to attributes it
+//! read from the engine can tell whether bytes may have moved from one to the other in
+//! between (and been in neither when it looked).
+//!
 //! What it must never do: drop written data silently. A failed upload keeps the block in
 //! memory; the error is reported on the next write or flush of that inode, and the next
 //! flush uploads the block again. A slice is committed only after all its blocks are
 //! stored, so metadata never points at an object that does not exist.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -49,6 +54,19 @@ enum Journaling<'a> {
     /// A replayed write: its record is already in the journal.
     Adopt(RecordId),
 }
+
+/// Inodes are counted in this many stripes (`ino % COMMIT_STRIPES`): a commit of one
+/// inode rarely sends readers of another to read again.
+const COMMIT_STRIPES: usize = 64;
+
+fn stripe(ino: Ino) -> usize {
+    (ino.0 % COMMIT_STRIPES as u64) as usize
+}
+
+/// The number of slices that left the buffers after their commit, per stripe of inodes,
+/// at one moment ([`Writer::commit_marks`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitMarks([u64; COMMIT_STRIPES]);
 
 /// How a flush that did not fail ended.
 enum Flushed {
@@ -233,6 +251,8 @@ pub(crate) struct Writer {
     inner: Arc<Inner>,
     /// The mount's write journal, once attached; writes use it once it is owned.
     journal: OnceLock<Arc<Journal>>,
+    /// Slices that left the buffers after their commit, per stripe of inodes.
+    commits: [AtomicU64; COMMIT_STRIPES],
 }
 
 impl Writer {
@@ -248,7 +268,25 @@ impl Writer {
                 in_flight: AtomicUsize::new(0),
             }),
             journal: OnceLock::new(),
+            commits: std::array::from_fn(|_| AtomicU64::new(0)),
         }
+    }
+
+    /// The commit counts now. Take them before reading attributes from the engine; if
+    /// [`Writer::committed_since`] then says so for the inode, bytes of its buffers may have
+    /// been committed after that read and dropped from the buffers before they were looked
+    /// at.
+    pub(crate) fn commit_marks(&self) -> CommitMarks {
+        CommitMarks(std::array::from_fn(|i| {
+            self.commits[i].load(Ordering::SeqCst)
+        }))
+    }
+
+    /// Whether a slice of `ino` (or of an inode of its stripe) left the buffers after its
+    /// commit since `marks` were taken.
+    pub(crate) fn committed_since(&self, marks: &CommitMarks, ino: Ino) -> bool {
+        let i = stripe(ino);
+        self.commits[i].load(Ordering::SeqCst) != marks.0[i]
     }
 
     /// Attaches the mount's write journal; `false` if one is attached already.
@@ -709,6 +747,9 @@ impl Writer {
                 return Ok(Flushed::Retired);
             }
             committed.map_err(DataError::meta("write_slice"))?;
+            // Counted before the bytes leave the buffers (under the state lock that
+            // `pending_end` takes): whoever no longer sees them here sees the count move.
+            self.commits[stripe(ino)].fetch_add(1, Ordering::SeqCst);
             st.slices.pop_front();
         }
         Ok(Flushed::Committed)

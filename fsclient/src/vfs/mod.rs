@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::data::{DataConfig, DataStore};
+use crate::data::{CommitMarks, DataConfig, DataStore};
 use crate::meta::{
     self, Attr, Caller, DirEntry, Fallocate, FileKind, Format, Ino, LockOwner, LockRequest,
     LockType, MetaEngine, MetaError, NewNode, RangeLock, RenameFlags, RequestId, SessionId,
@@ -421,13 +421,25 @@ impl Vfs {
     }
 
     /// Attributes as the kernel must see them: the size includes written, unflushed data.
-    fn with_pending(&self, ino: Ino, mut attr: Attr) -> Attr {
-        if attr.kind == FileKind::File {
-            if let Some(end) = self.data.pending_end(ino) {
-                attr.size = attr.size.max(end);
-            }
+    /// `marks` were taken before `attr` was read from the engine.
+    ///
+    /// The kernel takes the size of every reply (Baton does not use its writeback cache)
+    /// and computes each `O_APPEND` write's offset from it, so it must never fall below
+    /// what acknowledged writes made it. A flush on another thread (a handover's pre-flush,
+    /// a close, a reader's) commits buffered bytes to the engine, then drops them from the
+    /// buffers: committed after `attr` was read and dropped before the buffers are looked
+    /// at, they would be in neither. When that may have happened, the attributes are read
+    /// again, the buffers first: bytes that left them by then are in the engine.
+    fn with_pending(&self, ino: Ino, attr: Attr, marks: &CommitMarks) -> Result<Attr> {
+        if attr.kind != FileKind::File {
+            return Ok(attr);
         }
-        attr
+        let end = self.data.pending_end(ino);
+        if !self.data.committed_since(marks, ino) {
+            return Ok(grown_to(attr, end));
+        }
+        let end = self.data.pending_end(ino);
+        Ok(grown_to(self.meta.getattr(ino)?, end))
     }
 
     /// Starts executing a mutation for kernel request `unique`, if it is one.
@@ -478,9 +490,11 @@ impl Vfs {
     // --- namespace ---
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<(Ino, Attr)> {
+        let marks = self.data.commit_marks();
         let (ino, attr) = self.meta.lookup(parent, name)?;
+        let attr = self.with_pending(ino, attr, &marks)?;
         self.remember(ino);
-        Ok((ino, self.with_pending(ino, attr)))
+        Ok((ino, attr))
     }
 
     /// The kernel dropped `n` references to `ino` (an inode never looked up here is
@@ -519,8 +533,9 @@ impl Vfs {
     }
 
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
+        let marks = self.data.commit_marks();
         let attr = self.meta.getattr(ino)?;
-        Ok(self.with_pending(ino, attr))
+        self.with_pending(ino, attr, &marks)
     }
 
     pub fn setattr(&self, unique: Option<Unique>, ino: Ino, set: &SetAttr) -> Result<Attr> {
@@ -529,12 +544,13 @@ impl Vfs {
             // Written data lands before the size changes, not after it.
             self.data.flush(ino)?;
         }
+        let marks = self.data.commit_marks();
         let attr = self.meta.setattr(m.id, ino, set, Timestamp::now())?;
         self.faults.after_apply(Op::Setattr);
         if set.size.is_some() {
             self.data.invalidate(ino);
         }
-        Ok(self.with_pending(ino, attr))
+        self.with_pending(ino, attr, &marks)
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
@@ -676,10 +692,12 @@ impl Vfs {
         new_name: &[u8],
     ) -> Result<(Ino, Attr)> {
         let m = self.mutation(unique);
+        let marks = self.data.commit_marks();
         let attr = self.meta.link(m.id, ino, new_parent, new_name)?;
         self.faults.after_apply(Op::Link);
+        let attr = self.with_pending(ino, attr, &marks)?;
         self.remember(ino);
-        Ok((ino, self.with_pending(ino, attr)))
+        Ok((ino, attr))
     }
 
     // --- files ---
@@ -711,6 +729,7 @@ impl Vfs {
         flags: i32,
     ) -> Result<(Ino, Attr, u64)> {
         let m = self.mutation(unique);
+        let marks = self.data.commit_marks();
         let perm = (mode & !umask & 0o7777) as u16;
         let node = NewNode {
             kind: FileKind::File,
@@ -732,9 +751,10 @@ impl Vfs {
             }
             Err(e) => return Err(e.into()),
         };
+        let attr = self.with_pending(ino, attr, &marks)?;
         self.remember(ino);
         let fh = self.open_handle(ino, HandleFlags::from_open_flags(flags))?;
-        Ok((ino, self.with_pending(ino, attr), fh))
+        Ok((ino, attr, fh))
     }
 
     pub fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
@@ -909,11 +929,19 @@ impl Vfs {
             });
         }
         let want = limit.saturating_sub(out.len()).max(1);
+        let marks = self.data.commit_marks();
         let mut entries = self.meta.readdir(ino, offset, want, plus)?;
         if plus {
             for e in &mut entries {
                 if let Some(a) = e.attr.take() {
-                    e.attr = Some(self.with_pending(e.ino, a));
+                    e.attr = Some(match self.with_pending(e.ino, a.clone(), &marks) {
+                        Ok(a) => a,
+                        // Removed since the listing was read: listed as it was then.
+                        Err(FsError::Meta(MetaError::NotFound)) => {
+                            grown_to(a, self.data.pending_end(e.ino))
+                        }
+                        Err(err) => return Err(err),
+                    });
                 }
             }
         }
@@ -1103,6 +1131,14 @@ impl Vfs {
         }
         Ok(())
     }
+}
+
+/// `attr` with its size raised to `end`, the extent of unflushed writes, if any.
+fn grown_to(mut attr: Attr, end: Option<u64>) -> Attr {
+    if let Some(end) = end {
+        attr.size = attr.size.max(end);
+    }
+    attr
 }
 
 fn hostname() -> String {
