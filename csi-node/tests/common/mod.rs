@@ -362,6 +362,8 @@ pub fn is_mounted(path: &Path) -> bool {
 pub struct Workload {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     errors: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// What the test is doing now ([`Workload::phase`]), named in every problem.
+    phase: std::sync::Arc<std::sync::Mutex<String>>,
     /// Records done, per directory (in the order given).
     per_dir: Vec<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     threads: Vec<std::thread::JoinHandle<Vec<String>>>,
@@ -381,19 +383,34 @@ impl Workload {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let stop = Arc::new(AtomicBool::new(false));
         let errors = Arc::new(AtomicU64::new(0));
+        let phase = Arc::new(std::sync::Mutex::new(String::from("start")));
         let per_dir: Vec<Arc<AtomicU64>> = dirs.iter().map(|_| Arc::default()).collect();
         let threads = dirs
             .iter()
             .zip(&per_dir)
             .map(|(dir, records)| {
-                let (dir, stop, errors, records) =
-                    (dir.clone(), stop.clone(), errors.clone(), records.clone());
+                let (dir, stop, errors, records, phase) = (
+                    dir.clone(),
+                    stop.clone(),
+                    errors.clone(),
+                    records.clone(),
+                    phase.clone(),
+                );
                 std::thread::spawn(move || {
                     let mut problems = Vec::new();
                     let mut fail = |what: String| {
                         errors.fetch_add(1, Ordering::AcqRel);
                         if problems.len() < 10 {
-                            problems.push(format!("{}: {what}", dir.display()));
+                            let during = phase.lock().map(|p| p.clone()).unwrap_or_default();
+                            let at = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .unwrap_or_default();
+                            problems.push(format!(
+                                "{}: {what} (during {during}, at {}.{:03} s since the epoch)",
+                                dir.display(),
+                                at.as_secs(),
+                                at.subsec_millis()
+                            ));
                         }
                     };
                     let held = std::fs::OpenOptions::new()
@@ -421,7 +438,17 @@ impl Workload {
                         match read {
                             Ok(()) if back == rec.as_bytes() => {}
                             Ok(()) => fail(format!("record {n} read back as {back:?}")),
-                            Err(e) => fail(format!("read back {n}: {e}")),
+                            Err(e) => {
+                                // The size this descriptor sees and a fresh lookup's.
+                                let fstat = held.metadata().map(|m| m.len()).ok();
+                                let stat = std::fs::metadata(dir.join("held.log"))
+                                    .map(|m| m.len())
+                                    .ok();
+                                fail(format!(
+                                    "read back {n}: {e} (size by fstat {fstat:?}, by stat {stat:?}, {} expected)",
+                                    (n + 1) * rec.len() as u64
+                                ))
+                            }
                         }
                         let f = dir.join(format!("file-{}", n % 50));
                         match std::fs::write(&f, rec.as_bytes()).and_then(|()| std::fs::read(&f)) {
@@ -455,8 +482,16 @@ impl Workload {
         Workload {
             stop,
             errors,
+            phase,
             per_dir,
             threads,
+        }
+    }
+
+    /// Names what the test does from now on: problems say during what they happened.
+    pub fn phase(&self, what: &str) {
+        if let Ok(mut p) = self.phase.lock() {
+            *p = what.to_string();
         }
     }
 
