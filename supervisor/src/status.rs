@@ -47,9 +47,11 @@ pub fn status(home: &Home, mountpoint: &Path) -> Result<Report, StatusError> {
             path: mp,
             answer: format!("{other:?}"),
         }),
+        // The mount table, not a stat of the mountpoint: with no client serving, a stat
+        // would wait.
         Err(RequestError::NoSupervisor(_))
             if handover_proto::rendezvous::adopt_socket_path(home.path(), &mp).exists()
-                && std::fs::metadata(&mp).is_ok() =>
+                && crate::mount::mount_at(&mp).is_ok_and(|e| e.is_some()) =>
         {
             Err(StatusError::Unsupervised(mp))
         }

@@ -469,6 +469,10 @@ fn a_crash_loop_waits_and_an_upgrade_to_a_good_binary_ends_it() {
     assert!(reason.contains("killed by SIGKILL"), "{reason}");
     assert!(reason.contains("attempt"), "{reason}");
     assert_eq!(looping.client_pid, 0, "nothing serves: {}", looping.json);
+    // Past the kernel's attribute cache of the mountpoint (1 s): a stat of it would now
+    // wait for a client, so `baton status` and `baton upgrade` must not make one (path
+    // resolution is fine: it does not ask the filesystem about its own root).
+    std::thread::sleep(Duration::from_millis(1500));
     let text =
         testkit::mount::baton(&m.home, &["status", &m.mountpoint.display().to_string()]).unwrap();
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
