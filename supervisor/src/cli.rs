@@ -52,6 +52,19 @@ pub enum Command {
     /// on), 1 error. With --supervisor, replaces the supervisor instead (0 replaced, 1
     /// not: the old supervisor serves on).
     Upgrade(UpgradeArgs),
+    /// Roll a client upgrade across a Kubernetes cluster: runs `baton-csi rollout` with
+    /// these arguments (the CSI driver's binary carries the Kubernetes client; it is found
+    /// in $BATON_CSI, next to `baton`, or on PATH). `baton rollout --help` shows its
+    /// options (--to, --selector, --max-parallel, --status, --pause, --resume).
+    #[command(disable_help_flag = true)]
+    Rollout(RolloutArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutArgs {
+    /// Arguments of `baton-csi rollout`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<std::ffi::OsString>,
 }
 
 #[derive(Debug, Args)]

@@ -51,7 +51,48 @@ fn main() -> ExitCode {
     }
 }
 
+/// Names the `baton-csi` binary `baton rollout` runs.
+const BATON_CSI_ENV: &str = "BATON_CSI";
+
+/// The `baton-csi` binary: `$BATON_CSI`, else next to this binary, else on PATH.
+fn baton_csi() -> anyhow::Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os(BATON_CSI_ENV).filter(|p| !p.is_empty()) {
+        return Ok(p.into());
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name("baton-csi"))
+        .filter(|p| p.is_file());
+    let on_path = || {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("baton-csi"))
+                .find(|p| p.is_file())
+        })
+    };
+    beside.or_else(on_path).ok_or_else(|| {
+        anyhow::anyhow!(
+            "`baton rollout` runs `baton-csi rollout`, and no baton-csi was found (not in ${BATON_CSI_ENV}, next to baton, or on PATH); install the CSI driver's binary or run it where it is (e.g. kubectl exec into the baton-csi node plugin)"
+        )
+    })
+}
+
+/// `baton rollout ARGS`: replaces this process by `baton-csi rollout ARGS` (its exit
+/// status is the command's).
+fn rollout(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let bin = baton_csi()?;
+    let err = std::process::Command::new(&bin)
+        .arg("rollout")
+        .args(args)
+        .exec();
+    Err(anyhow::Error::new(err).context(format!("cannot run {}", bin.display())))
+}
+
 fn run(cli: Cli, home: &Home, readiness: Option<Readiness>) -> anyhow::Result<ExitCode> {
+    if let Command::Rollout(a) = cli.command {
+        return rollout(a.args);
+    }
     if let Command::Upgrade(a) = cli.command {
         if let Some(binary) = &a.supervisor {
             let up = upgrade_cmd::upgrade_supervisor(home, &a.mountpoint, binary, a.timeout)?;
@@ -197,6 +238,6 @@ fn run_other(cli: Cli, home: &Home, readiness: Option<Readiness>) -> anyhow::Res
             Ok(())
         }
         // Answered by `run`, which needs the exit status.
-        Command::Upgrade(_) => Ok(()),
+        Command::Upgrade(_) | Command::Rollout(_) => Ok(()),
     }
 }

@@ -332,6 +332,54 @@ fn umount_of_something_not_mounted() {
 const FAKE_MODE: &str = "BATON_TEST_FAKE_CLIENT";
 
 /// A wrapper script that runs this test binary as the client, in [`fake_client`].
+/// `baton rollout` runs `baton-csi rollout` with the arguments as given (options
+/// included) and exits with its status; without a `baton-csi` it says where it looked.
+#[test]
+fn rollout_runs_baton_csi_rollout() {
+    let s = Scratch::new();
+    let fake = s.dir.path().join("baton-csi");
+    let seen = s.dir.path().join("args");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" > {}\nexit 2\n",
+            seen.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake_env = fake.display().to_string();
+    let o = baton(
+        s.dir.path(),
+        &[
+            "rollout",
+            "--to",
+            "pod:baton:2",
+            "--max-parallel",
+            "5",
+            "--help",
+        ],
+        &[("BATON_CSI", fake_env.as_str())],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(&seen).unwrap(),
+        "rollout\n--to\npod:baton:2\n--max-parallel\n5\n--help\n"
+    );
+
+    let o = baton(
+        s.dir.path(),
+        &["rollout", "--status"],
+        &[("BATON_CSI", "/nonexistent/baton-csi")],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("cannot run /nonexistent/baton-csi"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 fn fake_client_script(dir: &Path) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let script = dir.join("fake-client.sh");
