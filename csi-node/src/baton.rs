@@ -47,6 +47,9 @@ pub enum UmountOutcome {
 pub struct Baton {
     pub bin: PathBuf,
     pub home: PathBuf,
+    /// The descriptor keeper's socket, given to the supervisors it starts
+    /// (`BATON_KEEPER`).
+    pub keeper: Option<PathBuf>,
 }
 
 /// Replaces every secret value in `text` by a placeholder.
@@ -76,6 +79,9 @@ impl Baton {
     fn command(&self, secrets: &VolumeSecrets) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.env("BATON_HOME", &self.home).stdin(Stdio::null());
+        if let Some(k) = &self.keeper {
+            cmd.env(handover_proto::keeper::KEEPER_ENV, k);
+        }
         for (k, v) in &secrets.env {
             cmd.env(k, v);
         }

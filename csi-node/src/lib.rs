@@ -14,6 +14,7 @@ pub mod baton;
 pub mod controller;
 pub mod error;
 pub mod identity;
+pub mod keeper;
 pub mod kube;
 pub mod layout;
 pub mod locks;

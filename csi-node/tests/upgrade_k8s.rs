@@ -852,3 +852,127 @@ async fn pod_upgrades_move_mounts_to_new_mount_pods() {
     .await;
     d.kill();
 }
+
+/// A mount pod whose processes all die at once (an OOM kill of the container): baton-csi's
+/// descriptor keeper holds the FUSE connection and the write journal, so the kernel does
+/// not abort the mount; the kubelet restarts the container, whose `baton mount` withdraws
+/// them from the keeper and restarts a client on the same connection. The application —
+/// another process, appending records through a descriptor it holds open — sees a pause
+/// and no error, and every record is there once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mount_pod_killed_whole_is_reseeded_from_the_keeper() {
+    let (cluster, admin, sa) = cluster_with_node_a().await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+    let (d, _kubelet) = start_node_a(&cluster, &sa, Vec::new(), HashMap::new()).await;
+    let mut node = d.node().await;
+    let t1 = kubelet_target(&d, "uid-1", "pv-one");
+    let s1 = embedded_secrets(&d.dir.path().join("v1"));
+    node.node_publish_volume(publish_req("handle-one", &t1, &s1, None, false))
+        .await
+        .unwrap();
+    let mp = d.backend_mounts().pop().unwrap().display().to_string();
+    // The application is its own process (as in a pod): its calls wait in the kernel
+    // while no client serves.
+    let app_errors = d.dir.path().join("app-errors");
+    let app = AppProcess(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(
+                "exec 3>>held.log; i=0; while :; do \
+                 echo \"record $i\" >&3 || echo \"append $i failed\" >&2; \
+                 i=$((i+1)); sleep 0.005; done",
+            )
+            .current_dir(&t1)
+            .stderr(std::fs::File::create(&app_errors).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let logs = || {
+        d.all_logs()
+            .into_iter()
+            .map(|(p, t)| format!("== {}\n{t}", p.display()))
+            .collect::<String>()
+    };
+    // The supervisor deposits the mount once its client serves.
+    let before = mount_status(&d, &mp);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let records = || {
+        std::fs::read_to_string(t1.join("held.log"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    let at_kill = records();
+
+    // kill -9 of the supervisor and the client together, as an OOM kill of the container.
+    let pids = [&before["supervisor_pid"], &before["client_pid"]].map(|v| v.as_i64().unwrap());
+    for pid in pids {
+        // SAFETY: kill(2) has no memory effects; the pids are the mount's processes.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    }
+    // The restarted container re-seeds the mount: a new supervisor serves it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let after = loop {
+        let out = std::process::Command::new(baton_bin())
+            .args(["status", &mp, "--json"])
+            .env("BATON_HOME", d.state.join("home"))
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if v["supervisor_pid"] != before["supervisor_pid"] && v["state"] == "serving" {
+                break v;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mount was not re-seeded; logs:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("re-seeded: {after}");
+    assert!(
+        after["generation"].as_u64() > before["generation"].as_u64(),
+        "{after}"
+    );
+    let pod = &pods_of(&pods, &mp).await[0];
+    let restarts = pod
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .restart_count;
+    assert_eq!(restarts, 1, "the container was restarted once");
+    // The application goes on through its descriptor.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while records() < at_kill + 50 {
+        assert!(Instant::now() < deadline, "the application does not go on");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(app);
+    let log = std::fs::read_to_string(t1.join("held.log")).unwrap();
+    let n = log.lines().count();
+    let want: String = (0..n).map(|i| format!("record {i}\n")).collect();
+    assert!(
+        log == want,
+        "records lost, doubled or out of order ({n} lines)"
+    );
+    let errors = std::fs::read_to_string(&app_errors).unwrap();
+    assert!(errors.is_empty(), "the application saw errors: {errors}");
+    eprintln!("{n} records appended, {at_kill} before the kill");
+    unpublish_all(&mut node, &pods, &[("handle-one", &t1)]).await;
+    drop(d);
+}
+
+/// A child process killed (and reaped) when dropped.
+struct AppProcess(std::process::Child);
+
+impl Drop for AppProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

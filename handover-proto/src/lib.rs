@@ -6,7 +6,9 @@
 //! bincode), passing file descriptors with SCM_RIGHTS ([`fdpass`]), the supervisor <->
 //! client start-up, live-handover and shutdown messages ([`message`]), the client state
 //! handed from one generation to the next, versioned and chunked ([`state`]), the
-//! FUSE_INIT bytes they relay ([`fuse_init`]) and the control API ([`control`]).
+//! FUSE_INIT bytes they relay ([`fuse_init`]), the control API ([`control`]) and the
+//! descriptor keeper that lets a new supervisor re-seed a mount whose processes all
+//! died ([`keeper`]).
 //! [`channel`] puts them together: one message per `SOCK_SEQPACKET` datagram. The
 //! protocol as a whole (sequences, rollback, state schema) is described in
 //! `docs/handover-protocol.md`; golden files of every released format are kept in
@@ -52,6 +54,7 @@ pub mod control;
 pub mod fdpass;
 pub mod frame;
 pub mod fuse_init;
+pub mod keeper;
 pub mod message;
 pub mod rendezvous;
 pub mod state;

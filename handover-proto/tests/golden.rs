@@ -26,6 +26,7 @@ use handover_proto::control::{
     ClientHealth, ControlRequest, ControlResponse, MountStatus, UpgradeReport,
 };
 use handover_proto::frame::{self, HEADER_LEN};
+use handover_proto::keeper::{FromKeeper, ToKeeper};
 use handover_proto::message::{
     Adoption, FreezeMode, Generation, Hello, MountSpec, StateChunk, ToClient, ToSupervisor,
     capability,
@@ -225,6 +226,45 @@ fn control_request(name: &str) -> ControlRequest {
         "HandOver" => ControlRequest::HandOver { timeout_ms: 30_000 },
         "TookOver" => ControlRequest::TookOver,
         other => panic!("no fixture value for ControlRequest::{other}"),
+    }
+}
+
+fn adoption() -> Adoption {
+    Adoption {
+        pid: 1200,
+        version: "0.2.0".into(),
+        hello: Hello {
+            state_versions: vec![1],
+            capabilities: vec![capability::PARK_RESEND.into(), capability::DRAIN.into()],
+        },
+        session: SESSION,
+        generation: Generation(4),
+        spec: spec(),
+        init_request: init_request(),
+        init_reply: init_reply(),
+        journal: true,
+    }
+}
+
+fn to_keeper(name: &str) -> ToKeeper {
+    match name {
+        "Deposit" => ToKeeper::Deposit(Box::new(adoption())),
+        "Withdraw" => ToKeeper::Withdraw {
+            mountpoint: PathBuf::from("/var/lib/baton-csi/mnt/3cc9d6b76dd55a344d84"),
+        },
+        other => panic!("no fixture value for ToKeeper::{other}"),
+    }
+}
+
+fn from_keeper(name: &str) -> FromKeeper {
+    match name {
+        "Kept" => FromKeeper::Kept,
+        "Refused" => FromKeeper::Refused {
+            reason: "the deposit names /mnt/x, which is not a Baton mount".into(),
+        },
+        "Deposited" => FromKeeper::Deposited(Box::new(adoption())),
+        "Nothing" => FromKeeper::Nothing,
+        other => panic!("no fixture value for FromKeeper::{other}"),
     }
 }
 
@@ -445,6 +485,18 @@ fn all_fixtures() -> Vec<Fixture> {
         control_response,
         control_response_name,
     ));
+    all.extend(message_fixtures(
+        "to_keeper",
+        TO_KEEPER,
+        to_keeper,
+        to_keeper_name,
+    ));
+    all.extend(message_fixtures(
+        "from_keeper",
+        FROM_KEEPER,
+        from_keeper,
+        from_keeper_name,
+    ));
     for &name in CLIENT_STATE {
         let expected = client_state(name);
         assert_eq!(client_state_name(&expected), name);
@@ -555,6 +607,8 @@ fn every_variant_has_a_fixture() {
         + TO_SUPERVISOR.len()
         + CONTROL_REQUEST.len()
         + CONTROL_RESPONSE.len()
+        + TO_KEEPER.len()
+        + FROM_KEEPER.len()
         + CLIENT_STATE.len();
     assert_eq!(files.len(), expected);
     assert!(files.contains("to_client.pre_flush.bin"));

@@ -58,6 +58,14 @@ fn strategies_cover_every_variant() {
         CONTROL_RESPONSE.iter().copied().collect()
     );
     assert_eq!(
+        names_drawn(to_keeper(), to_keeper_name, 50),
+        TO_KEEPER.iter().copied().collect()
+    );
+    assert_eq!(
+        names_drawn(from_keeper(), from_keeper_name, 100),
+        FROM_KEEPER.iter().copied().collect()
+    );
+    assert_eq!(
         names_drawn(client_state(), client_state_name, 20),
         CLIENT_STATE.iter().copied().collect()
     );
@@ -83,6 +91,18 @@ proptest! {
         let (got, fds) = over_a_socket(&msg);
         prop_assert_eq!(fds, 0);
         prop_assert_eq!(got, msg);
+    }
+
+    #[test]
+    fn keeper_messages_roundtrip_over_a_socket(k in to_keeper(), f in from_keeper()) {
+        // A deposit and a withdrawal's answer carry the FUSE connection and, if the mount
+        // has one, the journal.
+        let (got, fds) = over_a_socket(&k);
+        prop_assert_eq!(fds, k.fd_count());
+        prop_assert_eq!(got, k);
+        let (got, fds) = over_a_socket(&f);
+        prop_assert_eq!(fds, f.fd_count());
+        prop_assert_eq!(got, f);
     }
 
     #[test]

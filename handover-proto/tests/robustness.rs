@@ -13,6 +13,7 @@ use handover_proto::codec::DecodeError;
 use handover_proto::control::{ControlRequest, ControlResponse};
 use handover_proto::frame::{self, FORMAT_MAJOR, FrameError, HEADER_LEN, MAX_PAYLOAD};
 use handover_proto::fuse_init::{InitError, InitReply, InitRequest, MAX_INIT_LEN};
+use handover_proto::keeper::{FromKeeper, ToKeeper};
 use handover_proto::message::{StateChunk, ToClient, ToSupervisor};
 use handover_proto::state::{self, Assembler, MAX_STATE_BYTES, StateError};
 use proptest::prelude::*;
@@ -32,6 +33,8 @@ fn for_each_type(bytes: &[u8], check: impl Fn(&str, Result<(), RecvError>)) {
         "ControlResponse",
         erase(decode_frame::<ControlResponse>(bytes)),
     );
+    check("ToKeeper", erase(decode_frame::<ToKeeper>(bytes)));
+    check("FromKeeper", erase(decode_frame::<FromKeeper>(bytes)));
 }
 
 /// A message of any of the four types.
@@ -41,6 +44,8 @@ enum AnyMsg {
     S(ToSupervisor),
     Q(ControlRequest),
     R(ControlResponse),
+    K(ToKeeper),
+    F(FromKeeper),
 }
 
 impl AnyMsg {
@@ -50,6 +55,8 @@ impl AnyMsg {
             AnyMsg::S(m) => encode_frame(m),
             AnyMsg::Q(m) => encode_frame(m),
             AnyMsg::R(m) => encode_frame(m),
+            AnyMsg::K(m) => encode_frame(m),
+            AnyMsg::F(m) => encode_frame(m),
         }
         .expect("encode")
     }
@@ -61,6 +68,8 @@ impl AnyMsg {
             AnyMsg::S(_) => decode_frame::<ToSupervisor>(bytes).map(|_| ()),
             AnyMsg::Q(_) => decode_frame::<ControlRequest>(bytes).map(|_| ()),
             AnyMsg::R(_) => decode_frame::<ControlResponse>(bytes).map(|_| ()),
+            AnyMsg::K(_) => decode_frame::<ToKeeper>(bytes).map(|_| ()),
+            AnyMsg::F(_) => decode_frame::<FromKeeper>(bytes).map(|_| ()),
         }
     }
 }
@@ -71,6 +80,8 @@ fn any_msg() -> impl Strategy<Value = AnyMsg> {
         to_supervisor().prop_map(AnyMsg::S),
         control_request().prop_map(AnyMsg::Q),
         control_response().prop_map(AnyMsg::R),
+        to_keeper().prop_map(AnyMsg::K),
+        from_keeper().prop_map(AnyMsg::F),
     ]
 }
 
@@ -84,6 +95,18 @@ fn payload_of(frame: &[u8]) -> Vec<u8> {
 }
 
 proptest! {
+    /// What the fuzz targets check, on random bodies: refused, or a stable roundtrip.
+    #[test]
+    fn random_bodies_roundtrip_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        use handover_proto::channel::check_frame_roundtrip;
+        check_frame_roundtrip::<ToClient>(&bytes);
+        check_frame_roundtrip::<ToSupervisor>(&bytes);
+        check_frame_roundtrip::<ControlRequest>(&bytes);
+        check_frame_roundtrip::<ControlResponse>(&bytes);
+        check_frame_roundtrip::<ToKeeper>(&bytes);
+        check_frame_roundtrip::<FromKeeper>(&bytes);
+    }
+
     #[test]
     fn random_bytes_are_typed_frame_errors(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
         // Without the magic (the odds of random bytes having it are 2^-32) nothing is a

@@ -21,6 +21,7 @@ pub mod background;
 pub mod control;
 pub mod format;
 pub mod home;
+pub mod keeper;
 pub mod metrics;
 pub mod mount;
 pub mod replace;

@@ -33,7 +33,7 @@ use fsclient::meta::{self, MetaError};
 use handover_proto::channel::{self, RecvError, SendError};
 use handover_proto::control::{ControlRequest, ControlResponse};
 use handover_proto::fuse_init::{InitError, InitReply};
-use handover_proto::message::{Generation, Hello, MountSpec, ToClient, ToSupervisor};
+use handover_proto::message::{Adoption, Generation, Hello, MountSpec, ToClient, ToSupervisor};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
@@ -43,6 +43,7 @@ use crate::adopt::{self, AdoptError, Adopted};
 use crate::control::{BindError, CONTROL_FD_ENV, ControlClient, ControlServer, RequestError};
 use crate::format::{self, FormatError, FormatOptions};
 use crate::home::{DEFAULT_VOLUME, Home};
+use crate::keeper::{Keeper, Withdrawn};
 use crate::metrics::{MetricsError, MetricsServer};
 use crate::mount::{self, MountError, ReadInitError, UmountError};
 use crate::spawn::{self, ClientProcess, SpawnError};
@@ -592,6 +593,9 @@ pub fn run(
     if let Some((mountpoint, adopted)) = find_live_client(home, opts)? {
         return run_adopted(home, opts, mountpoint, adopted, None, on_ready);
     }
+    if let Some((mountpoint, kept)) = find_kept(home, opts)? {
+        return run_adopted(home, opts, mountpoint, kept, None, on_ready);
+    }
     let target = precheck(home, opts)?;
     let span = tracing::info_span!("mount", mountpoint = %target.mountpoint.display(), volume = %target.volume);
     let _entered = span.enter();
@@ -652,12 +656,10 @@ pub fn run(
     Driver::new(parts).run()
 }
 
-/// The client of a live Baton mount at the mountpoint that waits for a supervisor, if
-/// there is one (else the usual checks report what is mounted there).
-fn find_live_client(
-    home: &Home,
-    opts: &MountOptions,
-) -> Result<Option<(PathBuf, Adopted)>, SuperviseError> {
+/// The mountpoint, resolved, if it is a Baton mount and we are root (else the usual
+/// checks report what is there). Path resolution does not ask the filesystem about its
+/// own root: it does not wait on a connection that no client serves.
+fn baton_mount_at(opts: &MountOptions) -> Result<Option<PathBuf>, SuperviseError> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(None);
     }
@@ -665,9 +667,20 @@ fn find_live_client(
         return Ok(None);
     };
     match mount::mount_at(&mountpoint).map_err(SuperviseError::Mountinfo)? {
-        Some(e) if e.fstype == mount::FSTYPE => {}
-        _ => return Ok(None),
+        Some(e) if e.fstype == mount::FSTYPE => Ok(Some(mountpoint)),
+        _ => Ok(None),
     }
+}
+
+/// The client of a live Baton mount at the mountpoint that waits for a supervisor, if
+/// there is one (else the usual checks report what is mounted there).
+fn find_live_client(
+    home: &Home,
+    opts: &MountOptions,
+) -> Result<Option<(PathBuf, Adopted)>, SuperviseError> {
+    let Some(mountpoint) = baton_mount_at(opts)? else {
+        return Ok(None);
+    };
     let wait = if std::env::var_os(CONTROL_FD_ENV).is_some() {
         HANDED_OVER_WAIT
     } else {
@@ -677,6 +690,79 @@ fn find_live_client(
         Ok(Some(a)) => Ok(Some((mountpoint, a))),
         Ok(None) => Ok(None),
         Err(e) => Err(SuperviseError::Adopt(e)),
+    }
+}
+
+/// What a supervisor that did not mount starts from: an adopted live client, or the
+/// descriptors of a mount whose processes all died, withdrawn from the keeper (no client).
+struct Seed {
+    client: Option<ClientProcess>,
+    adoption: Adoption,
+    fuse: OwnedFd,
+    journal: Option<OwnedFd>,
+}
+
+impl From<Adopted> for Seed {
+    fn from(a: Adopted) -> Seed {
+        Seed {
+            client: Some(a.client),
+            adoption: a.adoption,
+            fuse: a.fuse,
+            journal: a.journal,
+        }
+    }
+}
+
+impl From<Withdrawn> for Seed {
+    fn from(w: Withdrawn) -> Seed {
+        Seed {
+            client: None,
+            adoption: w.adoption,
+            fuse: w.fuse,
+            journal: w.journal,
+        }
+    }
+}
+
+/// The descriptors the keeper (`BATON_KEEPER`) holds for a Baton mount at the
+/// mountpoint whose supervisor and client are all gone, if it holds any. Nothing is
+/// withdrawn while a supervisor answers on the control socket; if the deposited client
+/// still lives, it is adopted instead (it listens on its adopt socket), never doubled.
+fn find_kept(home: &Home, opts: &MountOptions) -> Result<Option<(PathBuf, Seed)>, SuperviseError> {
+    let Some(keeper) = Keeper::from_env() else {
+        return Ok(None);
+    };
+    let Some(mountpoint) = baton_mount_at(opts)? else {
+        return Ok(None);
+    };
+    if ControlClient::connect(home, &mountpoint).is_ok() {
+        return Ok(None);
+    }
+    match keeper.withdraw(&mountpoint) {
+        Ok(Some(w)) if handover_proto::keeper::process_runs(w.adoption.pid) => {
+            tracing::info!(
+                pid = w.adoption.pid,
+                "the deposited client lives: adopting it"
+            );
+            match adopt::adopt(home, &mountpoint, HANDED_OVER_WAIT)
+                .map_err(SuperviseError::Adopt)?
+            {
+                Some(a) => Ok(Some((mountpoint, a.into()))),
+                None => Ok(None),
+            }
+        }
+        Ok(Some(w)) => {
+            tracing::info!(
+                generation = %w.adoption.generation,
+                "re-seeding the mount from the descriptor keeper"
+            );
+            Ok(Some((mountpoint, w.into())))
+        }
+        Ok(None) => Ok(None),
+        Err(e) => {
+            tracing::warn!(error = %fsclient::client::error_chain(&e), "cannot ask the descriptor keeper");
+            Ok(None)
+        }
     }
 }
 
@@ -734,6 +820,9 @@ fn run_take_over(
         tracing::info!("the client waited without a supervisor: adopted it");
         return run_adopted(home, opts, mountpoint, adopted, None, on_ready);
     }
+    if let Some((mountpoint, kept)) = find_kept(home, opts)? {
+        return run_adopted(home, opts, mountpoint, kept, None, on_ready);
+    }
     let request_err = |source| SuperviseError::TakeOverRequest {
         path: mountpoint.clone(),
         source,
@@ -782,16 +871,22 @@ fn run_adopted(
     home: &Home,
     opts: &MountOptions,
     mountpoint: PathBuf,
-    adopted: Adopted,
+    adopted: impl Into<Seed>,
     take_over: Option<TakeOver>,
     on_ready: impl FnOnce(&Path),
 ) -> Result<(), SuperviseError> {
-    let Adopted {
+    let Seed {
         client,
         adoption,
         fuse,
         journal,
-    } = adopted;
+    } = adopted.into();
+    // On a failure below, a live client is left serving (released, not killed).
+    let release = |c: Option<ClientProcess>| {
+        if let Some(c) = c {
+            c.release();
+        }
+    };
     let span = tracing::info_span!("mount", mountpoint = %mountpoint.display(), volume = %adoption.spec.volume);
     let _entered = span.enter();
     // On any failure before the loop runs, the client is left serving (not killed): it
@@ -801,7 +896,7 @@ fn run_adopted(
         .clone()
         .unwrap_or_else(|| home.default_meta_url(DEFAULT_VOLUME));
     if ours != adoption.spec.meta_url {
-        client.release();
+        release(client);
         return Err(SuperviseError::AdoptedOtherVolume {
             ours: redact(&ours),
             theirs: redact(&adoption.spec.meta_url),
@@ -812,7 +907,7 @@ fn run_adopted(
     {
         Ok(p) => p,
         Err(e) => {
-            client.release();
+            release(client);
             return Err(SuperviseError::BadInitReply(e));
         }
     };
@@ -828,7 +923,7 @@ fn run_adopted(
         None => match ControlServer::bind(home, &mountpoint) {
             Ok(c) => c,
             Err(e) => {
-                client.release();
+                release(client);
                 return Err(SuperviseError::Control(e));
             }
         },
@@ -836,23 +931,22 @@ fn run_adopted(
     let signals = match block_signals() {
         Ok(s) => s,
         Err(e) => {
-            client.release();
+            release(client);
             return Err(e);
         }
     };
     // A take-over moves the client to this build's binary; else restarts keep the
     // adopted client's binary.
-    let adopted_binary = if opts.take_over {
-        None
-    } else {
-        adopt::client_binary(adoption.pid)
+    let adopted_binary = match &client {
+        Some(c) if !opts.take_over => adopt::client_binary(c.pid()),
+        _ => None,
     };
     let binary = match opts.client.clone().or(adopted_binary) {
         Some(b) => b,
         None => match spawn::default_client() {
             Ok(b) => b,
             Err(e) => {
-                client.release();
+                release(client);
                 return Err(SuperviseError::Spawn(e));
             }
         },
@@ -863,7 +957,7 @@ fn run_adopted(
         None => match mount::create_journal(mount::JOURNAL_BYTES) {
             Ok(j) => j,
             Err(e) => {
-                client.release();
+                release(client);
                 return Err(SuperviseError::Journal(e));
             }
         },
@@ -976,7 +1070,7 @@ impl Supervisor {
             control,
             signals,
             fuse,
-            first: client,
+            first: Some(client),
             first_info: ClientInfo {
                 generation,
                 binary,

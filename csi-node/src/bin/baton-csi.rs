@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use csi_node::baton::Baton;
 use csi_node::controller::ControllerService;
 use csi_node::identity::IdentityService;
+use csi_node::keeper::{Keeper, socket_path as keeper_socket_path};
 use csi_node::kube::counting::{ApiCounts, counting_client};
 use csi_node::kube::mountpod::{MountPodConfig, PodMounter, mount_pod_selector};
 use csi_node::layout::Layout;
@@ -271,12 +272,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     layout
         .create()
         .with_context(|| format!("creating the state directory {}", args.state_dir.display()))?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let serve_node = args.services.contains(&Service::Node);
+    // The node's descriptor keeper: mounts whose processes all die wait for a new
+    // supervisor instead of failing (csi_node::keeper).
+    let keeper = if serve_node {
+        match Keeper::start(keeper_socket_path(&args.state_dir)) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::error!(error = %csi_node::error::chain(&e), "no descriptor keeper: a mount whose processes all die fails");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let baton = Baton {
         bin: args.baton_bin.clone().unwrap_or_else(Baton::default_bin),
         home: layout.baton_home(),
+        keeper: keeper.as_ref().map(|k| k.path().to_path_buf()),
     };
-    let ready = Arc::new(AtomicBool::new(false));
-    let serve_node = args.services.contains(&Service::Node);
     let serve_controller = args.services.contains(&Service::Controller);
 
     let node = if serve_node {
@@ -309,6 +324,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             memory_request: Some(args.mount_pod_memory_request.clone()).filter(|s| !s.is_empty()),
             memory_limit: Some(args.mount_pod_memory_limit.clone()).filter(|s| !s.is_empty()),
             mount_timeout: args.mount_timeout,
+            keeper: baton.keeper.clone(),
         });
         let mounter: Arc<dyn Mounter> = match &pod_config {
             Some(config) => {

@@ -67,6 +67,9 @@ pub struct MountPodConfig {
     pub memory_request: Option<String>,
     pub memory_limit: Option<String>,
     pub mount_timeout: Duration,
+    /// The descriptor keeper's socket (the same host path in the pod), given to the
+    /// supervisor as `BATON_KEEPER`.
+    pub keeper: Option<PathBuf>,
 }
 
 impl MountPodConfig {
@@ -142,6 +145,12 @@ pub fn mount_pod(
     if let Some(m) = &cfg.memory_limit {
         limits.insert("memory".into(), json!(m));
     }
+    let mut env = vec![json!({"name": "BATON_HOME", "value": format!("{state}/home")})];
+    if let Some(k) = &cfg.keeper {
+        env.push(
+            json!({"name": handover_proto::keeper::KEEPER_ENV, "value": k.display().to_string()}),
+        );
+    }
     let mut pod = json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -173,7 +182,7 @@ pub fn mount_pod(
                 "image": cfg.image,
                 "imagePullPolicy": "IfNotPresent",
                 "command": command,
-                "env": [{"name": "BATON_HOME", "value": format!("{state}/home")}],
+                "env": env,
                 "envFrom": [{"secretRef": {"name": name}}],
                 "securityContext": {"privileged": true},
                 "resources": {"requests": requests, "limits": limits},
@@ -507,6 +516,7 @@ mod tests {
             memory_request: None,
             memory_limit: Some("1Gi".into()),
             mount_timeout: Duration::from_secs(5),
+            keeper: Some("/var/lib/baton-csi/run/keeper.sock".into()),
         }
     }
 
@@ -548,6 +558,12 @@ mod tests {
         let vm = &ctr.volume_mounts.as_ref().expect("mounts")[0];
         assert_eq!(vm.mount_propagation.as_deref(), Some("Bidirectional"));
         assert_eq!(vm.mount_path, "/var/lib/baton-csi");
+        let env = ctr.env.as_ref().expect("env");
+        assert!(
+            env.iter().any(|e| e.name == "BATON_KEEPER"
+                && e.value.as_deref() == Some("/var/lib/baton-csi/run/keeper.sock")),
+            "{env:?}"
+        );
         let owner = &pod.metadata.owner_references.as_ref().expect("owner")[0];
         assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Node", "uid-1"));
         let secret = mount_secret(&c, &s, "uid-1");

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use handover_proto::control::{
     ClientHealth, ControlRequest, ControlResponse, MountStatus, UpgradeReport,
 };
+use handover_proto::keeper::{FromKeeper, ToKeeper};
 use handover_proto::message::{
     Adoption, FreezeMode, Generation, Hello, MountSpec, StateChunk, ToClient, ToSupervisor,
     capability,
@@ -122,6 +123,26 @@ pub fn control_response_name(m: &ControlResponse) -> &'static str {
         ControlResponse::SupervisorUpgraded { .. } => "SupervisorUpgraded",
         ControlResponse::HandingOver { .. } => "HandingOver",
         ControlResponse::HandedOver => "HandedOver",
+    }
+}
+
+pub const TO_KEEPER: &[&str] = &["Deposit", "Withdraw"];
+
+pub fn to_keeper_name(m: &ToKeeper) -> &'static str {
+    match m {
+        ToKeeper::Deposit(_) => "Deposit",
+        ToKeeper::Withdraw { .. } => "Withdraw",
+    }
+}
+
+pub const FROM_KEEPER: &[&str] = &["Kept", "Refused", "Deposited", "Nothing"];
+
+pub fn from_keeper_name(m: &FromKeeper) -> &'static str {
+    match m {
+        FromKeeper::Kept => "Kept",
+        FromKeeper::Refused { .. } => "Refused",
+        FromKeeper::Deposited(_) => "Deposited",
+        FromKeeper::Nothing => "Nothing",
     }
 }
 
@@ -256,15 +277,21 @@ pub fn to_supervisor() -> impl Strategy<Value = ToSupervisor> {
         text(100).prop_map(|reason| ToSupervisor::FreezeFailed { reason }),
         Just(ToSupervisor::Thawed),
         any::<u64>().prop_map(|monotonic_ns| ToSupervisor::FirstServed { monotonic_ns }),
-        (
-            (any::<u32>(), text(20), hello(), any::<u64>(), generation()),
-            (spec(), bytes(120), bytes(90), any::<bool>()),
-        )
-            .prop_map(
-                |(
-                    (pid, version, hello, session, generation),
-                    (spec, init_request, init_reply, journal),
-                )| ToSupervisor::Adopted(Box::new(Adoption {
+        adoption().prop_map(|a| ToSupervisor::Adopted(Box::new(a))),
+    ]
+}
+
+pub fn adoption() -> impl Strategy<Value = Adoption> {
+    (
+        (any::<u32>(), text(20), hello(), any::<u64>(), generation()),
+        (spec(), bytes(120), bytes(90), any::<bool>()),
+    )
+        .prop_map(
+            |(
+                (pid, version, hello, session, generation),
+                (spec, init_request, init_reply, journal),
+            )| {
+                Adoption {
                     pid,
                     version,
                     hello,
@@ -274,8 +301,24 @@ pub fn to_supervisor() -> impl Strategy<Value = ToSupervisor> {
                     init_request,
                     init_reply,
                     journal,
-                }))
-            ),
+                }
+            },
+        )
+}
+
+pub fn to_keeper() -> impl Strategy<Value = ToKeeper> {
+    prop_oneof![
+        adoption().prop_map(|a| ToKeeper::Deposit(Box::new(a))),
+        path().prop_map(|mountpoint| ToKeeper::Withdraw { mountpoint }),
+    ]
+}
+
+pub fn from_keeper() -> impl Strategy<Value = FromKeeper> {
+    prop_oneof![
+        Just(FromKeeper::Kept),
+        Just(FromKeeper::Nothing),
+        text(80).prop_map(|reason| FromKeeper::Refused { reason }),
+        adoption().prop_map(|a| FromKeeper::Deposited(Box::new(a))),
     ]
 }
 

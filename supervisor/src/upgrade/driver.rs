@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use handover_proto::channel::{self, RecvError, SendError};
 use handover_proto::control::{ClientHealth, ControlRequest, ControlResponse, MountStatus};
 use handover_proto::fdpass;
-use handover_proto::message::{Generation, ToClient, ToSupervisor};
+use handover_proto::message::{Adoption, Generation, ToClient, ToSupervisor};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
@@ -41,6 +41,7 @@ use super::{
     UpgradeRequest,
 };
 use crate::control::{ControlConn, ControlServer};
+use crate::keeper::Keeper;
 use crate::metrics::{self, MetricsServer};
 use crate::mount::{self, UmountError};
 use crate::spawn::ClientProcess;
@@ -130,7 +131,10 @@ pub struct DriverParts {
     pub signals: SignalFd,
     /// The supervisor's descriptor of the FUSE connection.
     pub fuse: OwnedFd,
-    pub first: ClientProcess,
+    /// The serving client; `None` when the mount is re-seeded from the descriptor keeper
+    /// (every process of the mount died): `first_info` then describes the dead client,
+    /// and the loop starts by restarting it, as after a crash.
+    pub first: Option<ClientProcess>,
     pub first_info: ClientInfo,
     pub init_request: Vec<u8>,
     pub init_reply: Vec<u8>,
@@ -185,6 +189,10 @@ pub struct Driver {
     /// A signal arrived during an upgrade: stop once it has ended (or at the deadline).
     stopping: Option<(Signal, Instant)>,
     metrics: Option<MetricsServer>,
+    /// The descriptor keeper (`BATON_KEEPER`) and the generation last deposited there.
+    keeper: Option<(Keeper, Option<Generation>)>,
+    init_request: Vec<u8>,
+    init_reply: Vec<u8>,
 }
 
 impl Driver {
@@ -203,23 +211,39 @@ impl Driver {
             timings,
             journal,
         } = parts;
-        if let Err(e) = nix::fcntl::fcntl(
-            first.channel(),
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        ) {
-            tracing::warn!(error = %e, "cannot make the client channel non-blocking");
-        }
         let generation = first_info.generation;
-        let machine = Machine::new(first_info, init_request, init_reply, timings);
-        let mut clients = BTreeMap::new();
-        clients.insert(
-            generation,
-            Client {
-                process: first,
-                open: true,
-                queue: VecDeque::new(),
-            },
+        let mut machine = Machine::new(
+            first_info,
+            init_request.clone(),
+            init_reply.clone(),
+            timings,
         );
+        let mut clients = BTreeMap::new();
+        match first {
+            Some(first) => {
+                if let Err(e) = nix::fcntl::fcntl(
+                    first.channel(),
+                    nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+                ) {
+                    tracing::warn!(error = %e, "cannot make the client channel non-blocking");
+                }
+                clients.insert(
+                    generation,
+                    Client {
+                        process: first,
+                        open: true,
+                        queue: VecDeque::new(),
+                    },
+                );
+            }
+            None => machine.handle_exit(
+                monotonic_now(),
+                generation,
+                ExitInfo::Unknown(
+                    "every process of the mount died; re-seeded from the descriptor keeper".into(),
+                ),
+            ),
+        }
         Driver {
             facts,
             control,
@@ -233,6 +257,51 @@ impl Driver {
             upgrade_span: None,
             stopping: None,
             metrics,
+            keeper: Keeper::from_env().map(|k| (k, None)),
+            init_request,
+            init_reply,
+        }
+    }
+
+    /// Deposits the mount with the descriptor keeper once a new generation serves (a
+    /// failure is logged: the mount serves on, unprotected against the death of all its
+    /// processes).
+    fn deposit(&mut self) {
+        let Some((keeper, deposited)) = &mut self.keeper else {
+            return;
+        };
+        let serving = self.machine.serving();
+        if self.machine.phase() != PhaseKind::Idle
+            || *deposited == Some(serving.generation)
+            || !self.clients.contains_key(&serving.generation)
+        {
+            return;
+        }
+        *deposited = Some(serving.generation);
+        let client_pid = self
+            .clients
+            .get(&serving.generation)
+            .map_or(0, |c| c.process.pid());
+        // `pid` is the serving client's: a supervisor that withdraws the deposit adopts
+        // that client if it still lives rather than start a second one.
+        let adoption = Adoption {
+            pid: client_pid,
+            version: serving.version.clone(),
+            hello: serving.hello.clone(),
+            session: serving.session,
+            generation: serving.generation,
+            spec: serving.spec.clone(),
+            init_request: self.init_request.clone(),
+            init_reply: self.init_reply.clone(),
+            journal: true,
+        };
+        match keeper.deposit(adoption, self.fuse.as_fd(), Some(self.journal.as_fd())) {
+            Ok(()) => {
+                tracing::info!(generation = %serving.generation, "deposited with the descriptor keeper")
+            }
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "the descriptor keeper did not take the mount")
+            }
         }
     }
 
@@ -326,6 +395,10 @@ impl Driver {
     /// adopted client into this supervisor's binary); nobody waits for its answer, it
     /// shows in `baton status`.
     pub fn run_with(mut self, first: Option<UpgradeRequest>) -> Result<(), SuperviseError> {
+        // A re-seeded mount starts with a restart already asked for.
+        if let Some(end) = self.execute() {
+            return self.end(end);
+        }
         if let Some(req) = first {
             let old = self.machine.serving().generation;
             match self.machine.handle_request(monotonic_now(), req) {
@@ -340,6 +413,7 @@ impl Driver {
         }
         let end = loop {
             self.publish();
+            self.deposit();
             if let Some((sig, deadline)) = self.stopping {
                 let idle = matches!(self.machine.phase(), PhaseKind::Idle | PhaseKind::Ended);
                 if idle || Instant::now() >= deadline {

@@ -1,0 +1,10 @@
+//! A frame to or from the descriptor keeper (`handover_proto::keeper`).
+//! The check: `handover_proto::channel::check_frame_roundtrip`.
+
+#![no_main]
+
+use handover_proto::channel::check_frame_roundtrip;
+use handover_proto::keeper::FromKeeper;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| check_frame_roundtrip::<FromKeeper>(data));
