@@ -17,10 +17,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
@@ -29,12 +27,11 @@ use csi_node::upgrade::request::{Phase, STATUS_ANNOTATION, UPGRADE_ANNOTATION, U
 use csi_node::upgrade::slots::slot_index;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
-use kube::api::{Api, PostParams, WatchEvent, WatchParams};
+use kube::api::{Api, PostParams};
 use serde_json::json;
 use testkit::kube::{
     ADMIN_TOKEN, KubeCluster, User, apply_all, create_service_account, render_chart,
 };
-use tokio_stream::StreamExt;
 
 const NS: &str = "baton-system";
 const VERSION: &str = "0.2.0";
@@ -61,141 +58,6 @@ fn generation(d: &Driver, mountpoint: &Path) -> u64 {
     v["generation"].as_u64().unwrap()
 }
 
-/// Appends numbered records to a file held open in each directory and reads each back,
-/// until stopped; returns (records, problems).
-struct Workload {
-    stop: Arc<AtomicBool>,
-    records: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<Vec<String>>>,
-}
-
-impl Workload {
-    fn start(dirs: &[PathBuf]) -> Workload {
-        let stop = Arc::new(AtomicBool::new(false));
-        let records = Arc::new(AtomicU64::new(0));
-        let threads = dirs
-            .iter()
-            .map(|dir| {
-                let (dir, stop, records) = (dir.clone(), stop.clone(), records.clone());
-                std::thread::spawn(move || {
-                    let mut problems = Vec::new();
-                    let mut held = std::fs::OpenOptions::new()
-                        .create(true)
-                        .read(true)
-                        .append(true)
-                        .open(dir.join("held.log"))
-                        .unwrap();
-                    let mut n: u64 = 0;
-                    while !stop.load(Ordering::Acquire) {
-                        let rec = format!("record {n:08}\n");
-                        if let Err(e) = held.write_all(rec.as_bytes()) {
-                            problems.push(format!("append {n}: {e}"));
-                        }
-                        let mut back = vec![0u8; rec.len()];
-                        match held
-                            .seek(SeekFrom::Start(n * rec.len() as u64))
-                            .and_then(|_| held.read_exact(&mut back))
-                        {
-                            Ok(()) if back == rec.as_bytes() => {}
-                            Ok(()) => problems.push(format!("record {n} read back as {back:?}")),
-                            Err(e) => problems.push(format!("read back {n}: {e}")),
-                        }
-                        records.fetch_add(1, Ordering::AcqRel);
-                        n += 1;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    let mut all = String::new();
-                    std::fs::File::open(dir.join("held.log"))
-                        .and_then(|mut f| f.read_to_string(&mut all))
-                        .unwrap();
-                    let want: String = (0..n).map(|i| format!("record {i:08}\n")).collect();
-                    if all != want {
-                        problems.push(format!(
-                            "held.log has {} bytes, want {}",
-                            all.len(),
-                            want.len()
-                        ));
-                    }
-                    problems
-                })
-            })
-            .collect();
-        Workload {
-            stop,
-            records,
-            threads,
-        }
-    }
-
-    fn finish(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Release);
-        let problems = self
-            .threads
-            .into_iter()
-            .flat_map(|t| t.join().unwrap())
-            .collect();
-        (self.records.load(Ordering::Acquire), problems)
-    }
-}
-
-/// Watches the slot Leases; records the most live holders seen at once and every holder.
-#[derive(Clone, Default)]
-struct SlotWatch {
-    holders: Arc<Mutex<BTreeMap<String, String>>>,
-    max_at_once: Arc<AtomicU64>,
-    ever: Arc<Mutex<BTreeSet<String>>>,
-}
-
-impl SlotWatch {
-    fn start(admin: kube::Client) -> SlotWatch {
-        let w = SlotWatch::default();
-        let w2 = w.clone();
-        tokio::spawn(async move {
-            let api: Api<Lease> = Api::namespaced(admin, NS);
-            let mut version = "0".to_string();
-            loop {
-                // Ends with the cluster (at the end of the test).
-                let Ok(stream) = api
-                    .watch(&WatchParams::default().timeout(60), &version)
-                    .await
-                else {
-                    return;
-                };
-                let mut stream = std::pin::pin!(stream);
-                while let Some(Ok(ev)) = stream.next().await {
-                    let (l, gone) = match ev {
-                        WatchEvent::Added(l) | WatchEvent::Modified(l) => (l, false),
-                        WatchEvent::Deleted(l) => (l, true),
-                        _ => continue,
-                    };
-                    version = l.metadata.resource_version.clone().unwrap_or(version);
-                    let name = l.metadata.name.clone().unwrap();
-                    if slot_index(&name).is_none() {
-                        continue;
-                    }
-                    let holder = l
-                        .spec
-                        .and_then(|s| s.holder_identity)
-                        .filter(|h| !h.is_empty() && !gone);
-                    let mut holders = w2.holders.lock().unwrap();
-                    match holder {
-                        Some(h) => {
-                            w2.ever.lock().unwrap().insert(h.clone());
-                            holders.insert(name, h);
-                        }
-                        None => {
-                            holders.remove(&name);
-                        }
-                    }
-                    w2.max_at_once
-                        .fetch_max(holders.len() as u64, Ordering::AcqRel);
-                }
-            }
-        });
-        w
-    }
-}
-
 /// Runs `baton-csi rollout ARGS` as the cluster admin; returns (exit code, stdout).
 async fn rollout(cluster: &KubeCluster, counts: &Path, args: &[&str]) -> (i32, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_baton-csi"))
@@ -216,22 +78,6 @@ async fn rollout(cluster: &KubeCluster, counts: &Path, args: &[&str]) -> (i32, S
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.code().unwrap_or(-1), stdout)
-}
-
-/// Polls `f` until it holds (`timeout` only bounds a hung test).
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = std::time::Instant::now() + timeout;
-    while !f().await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn api_counts(path: &Path) -> BTreeMap<String, u64> {
@@ -328,7 +174,7 @@ async fn a_rollout_upgrades_every_node_two_at_a_time_and_stops_on_failure() {
         drivers.push(d);
     }
     let workload = Workload::start(&targets);
-    let slots = SlotWatch::start(admin.clone());
+    let slots = SlotWatch::start(admin.clone(), NS);
 
     // 1. max-parallel 2: every node upgraded, never more than two slots held at once.
     let counts = images.path().join("rollout-api.json");
@@ -519,9 +365,10 @@ async fn a_rollout_upgrades_every_node_two_at_a_time_and_stops_on_failure() {
     assert!((1..=2).contains(&max), "{max} slots held at once");
 
     // Every mount served all along.
-    let (records, problems) = workload.finish();
-    eprintln!("workload: {records} records");
+    let (records, errors, problems) = workload.finish();
+    eprintln!("workload: {records} records, {errors} errors");
     assert!(records > 0);
-    assert!(problems.is_empty(), "application errors: {problems:?}");
+    assert_eq!(errors, 0, "application errors: {problems:?}");
+    assert!(problems.is_empty(), "{problems:?}");
     drop(drivers);
 }

@@ -14,10 +14,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -48,118 +45,6 @@ fn kubelet_target(d: &Driver, pod_uid: &str, pv: &str) -> PathBuf {
         .join("volumes/kubernetes.io~csi")
         .join(pv)
         .join("mount")
-}
-
-/// Writes numbered records to a file it keeps open and to new files, reading each back,
-/// until stopped; counts every error and mismatch.
-struct Workload {
-    stop: Arc<AtomicBool>,
-    errors: Arc<AtomicU64>,
-    records: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<Vec<String>>>,
-}
-
-impl Workload {
-    fn start(dirs: &[PathBuf]) -> Workload {
-        let stop = Arc::new(AtomicBool::new(false));
-        let errors = Arc::new(AtomicU64::new(0));
-        let records = Arc::new(AtomicU64::new(0));
-        let threads = dirs
-            .iter()
-            .map(|dir| {
-                let (dir, stop, errors, records) =
-                    (dir.clone(), stop.clone(), errors.clone(), records.clone());
-                std::thread::spawn(move || {
-                    let mut problems = Vec::new();
-                    let mut held = std::fs::OpenOptions::new()
-                        .create(true)
-                        .read(true)
-                        .append(true)
-                        .open(dir.join("held.log"))
-                        .unwrap();
-                    let mut n: u64 = 0;
-                    while !stop.load(Ordering::Acquire) {
-                        let rec = format!("record {n:08}\n");
-                        let mut fail = |what: String| {
-                            errors.fetch_add(1, Ordering::AcqRel);
-                            if problems.len() < 10 {
-                                problems.push(what);
-                            }
-                        };
-                        if let Err(e) = held.write_all(rec.as_bytes()) {
-                            fail(format!("append {n}: {e}"));
-                        }
-                        let mut back = vec![0u8; rec.len()];
-                        let read = held
-                            .seek(SeekFrom::Start(n * rec.len() as u64))
-                            .and_then(|_| held.read_exact(&mut back));
-                        match read {
-                            Ok(()) if back == rec.as_bytes() => {}
-                            Ok(()) => fail(format!("record {n} read back as {back:?}")),
-                            Err(e) => fail(format!("read back {n}: {e}")),
-                        }
-                        let f = dir.join(format!("file-{}", n % 50));
-                        match std::fs::write(&f, rec.as_bytes()).and_then(|()| std::fs::read(&f)) {
-                            Ok(b) if b == rec.as_bytes() => {}
-                            Ok(b) => fail(format!("file {n}: {b:?}")),
-                            Err(e) => fail(format!("file {n}: {e}")),
-                        }
-                        records.fetch_add(1, Ordering::AcqRel);
-                        n += 1;
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    // Every record is there, in order.
-                    let mut all = String::new();
-                    std::fs::File::open(dir.join("held.log"))
-                        .and_then(|mut f| f.read_to_string(&mut all))
-                        .unwrap();
-                    let want: String = (0..n).map(|i| format!("record {i:08}\n")).collect();
-                    if all != want {
-                        errors.fetch_add(1, Ordering::AcqRel);
-                        problems.push(format!(
-                            "held.log has {} bytes, want {}",
-                            all.len(),
-                            want.len()
-                        ));
-                    }
-                    problems
-                })
-            })
-            .collect();
-        Workload {
-            stop,
-            errors,
-            records,
-            threads,
-        }
-    }
-
-    /// Stops and returns (records, errors, problems).
-    fn finish(self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Release);
-        let problems: Vec<String> = self
-            .threads
-            .into_iter()
-            .flat_map(|t| t.join().unwrap())
-            .collect();
-        (
-            self.records.load(Ordering::Acquire),
-            self.errors.load(Ordering::Acquire),
-            problems,
-        )
-    }
-}
-
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// `baton status --json` of `mountpoint`.
