@@ -42,7 +42,7 @@ use clap::Parser;
 use csi_node::kube::counting::{ApiCounts, CountingLayer};
 use csi_node::kube::mountpod::{LABEL_BACKEND, mount_pod_selector};
 use csi_node::rollout::{Action, Ended, Rollout};
-use csi_node::upgrade::handle::node_summary;
+use csi_node::upgrade::handle::{event_about, node_summary};
 use csi_node::upgrade::request::{
     Phase, STATUS_ANNOTATION, UPGRADE_ANNOTATION, UpgradeRequest, UpgradeStatus,
 };
@@ -382,34 +382,8 @@ impl SimHandler {
 
     /// `Handler::event`.
     async fn event(&self, seen: &Seen, kind: &str, reason: &str, message: &str) {
-        let (api_kind, ns) = match seen.kind {
-            Kind::Pod => ("Pod", seen.namespace.clone().unwrap_or_default()),
-            Kind::PersistentVolume => ("PersistentVolume", "default".to_string()),
-            Kind::Node => ("Node", "default".to_string()),
-        };
-        let now = k8s_openapi::chrono::Utc::now()
-            .to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Secs, true);
-        let mut involved =
-            json!({"apiVersion": "v1", "kind": api_kind, "name": seen.name, "uid": seen.uid});
-        if seen.kind == Kind::Pod {
-            involved["namespace"] = json!(ns);
-        }
-        let message: String = message.chars().take(1024).collect();
-        let ev = json!({
-            "metadata": {"generateName": format!("{}.", seen.name), "namespace": ns},
-            "involvedObject": involved,
-            "reason": reason,
-            "message": message,
-            "type": kind,
-            "source": {"component": "baton-csi", "host": self.node_name},
-            "reportingComponent": "csi.baton.dev/baton-csi",
-            "reportingInstance": self.node_name,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        });
-        let created = match serde_json::from_value::<Event>(ev) {
-            Ok(ev) => Api::<Event>::namespaced(self.client.clone(), &ns)
+        let created = match event_about(seen, kind, reason, message, &self.node_name) {
+            Ok((ns, ev)) => Api::<Event>::namespaced(self.client.clone(), &ns)
                 .create(&PostParams::default(), &ev)
                 .await
                 .map(drop)

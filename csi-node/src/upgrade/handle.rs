@@ -406,33 +406,7 @@ impl Handler {
 
     /// Posts an Event about `seen` (Events of cluster-scoped objects go to `default`).
     async fn event(&self, seen: &Seen, kind: &str, reason: &str, message: &str) {
-        let (api_kind, ns) = match seen.kind {
-            Kind::Pod => ("Pod", seen.namespace.clone().unwrap_or_default()),
-            Kind::PersistentVolume => ("PersistentVolume", "default".to_string()),
-            Kind::Node => ("Node", "default".to_string()),
-        };
-        let now = k8s_openapi::chrono::Utc::now()
-            .to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Secs, true);
-        let mut involved =
-            json!({"apiVersion": "v1", "kind": api_kind, "name": seen.name, "uid": seen.uid});
-        if seen.kind == Kind::Pod {
-            involved["namespace"] = json!(ns);
-        }
-        let message: String = message.chars().take(1024).collect();
-        let ev = json!({
-            "metadata": {"generateName": format!("{}.", seen.name), "namespace": ns},
-            "involvedObject": involved,
-            "reason": reason,
-            "message": message,
-            "type": kind,
-            "source": {"component": "baton-csi", "host": self.node_name},
-            "reportingComponent": "csi.baton.dev/baton-csi",
-            "reportingInstance": self.node_name,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        });
-        let ev: Event = match serde_json::from_value(ev) {
+        let (ns, ev) = match event_about(seen, kind, reason, message, &self.node_name) {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot build an Event");
@@ -446,6 +420,44 @@ impl Handler {
             tracing::warn!(error = %crate::error::chain(&e), "cannot post an Event");
         }
     }
+}
+
+/// The Event baton-csi posts about `seen` from node `node_name`, and the namespace it goes
+/// to (Events of cluster-scoped objects go to `default`).
+pub fn event_about(
+    seen: &Seen,
+    kind: &str,
+    reason: &str,
+    message: &str,
+    node_name: &str,
+) -> Result<(String, Event), serde_json::Error> {
+    let (api_kind, ns) = match seen.kind {
+        Kind::Pod => ("Pod", seen.namespace.clone().unwrap_or_default()),
+        Kind::PersistentVolume => ("PersistentVolume", "default".to_string()),
+        Kind::Node => ("Node", "default".to_string()),
+    };
+    let now = k8s_openapi::chrono::Utc::now()
+        .to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Secs, true);
+    let mut involved =
+        json!({"apiVersion": "v1", "kind": api_kind, "name": seen.name, "uid": seen.uid});
+    if seen.kind == Kind::Pod {
+        involved["namespace"] = json!(ns);
+    }
+    let message: String = message.chars().take(1024).collect();
+    let ev = json!({
+        "metadata": {"generateName": format!("{}.", seen.name), "namespace": ns},
+        "involvedObject": involved,
+        "reason": reason,
+        "message": message,
+        "type": kind,
+        "source": {"component": "baton-csi", "host": node_name},
+        "reportingComponent": "csi.baton.dev/baton-csi",
+        "reportingInstance": node_name,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    });
+    Ok((ns, serde_json::from_value(ev)?))
 }
 
 /// One status for a node: succeeded if every mount succeeded (or there is none), else the
