@@ -302,12 +302,12 @@ async fn assert_untouched(nodes_api: &Api<Node>, nodes: &[SimNode], request: &st
 // pre-flush with a size one record short (`fsclient/tests/attr_during_flush.rs`,
 // docs/design.md, *Consistency*). On a failure the nodes' logs are kept
 // (`keep_logs_of_failing_nodes`).
-// Ignored in CI again (2026-11-27, 23:08): a clean-clone run failed once because, in the
-// pod rollout, a new client could not open its block cache directory
-// (`home/cache/<volume uuid>`: "No such file"), so one mount rolled back (no application
-// error) and the rollout stopped. A race on the per-volume cache directory between the
-// old and the new client of a mount, not diagnosed yet. Run it with `-- --ignored`.
-#[ignore = "a rare cache-directory race in pod upgrades makes it fail; under investigation"]
+// A clean-clone run also failed once because, in the pod rollout, a new client could not
+// open its block cache directory: its scan of `home/cache/<volume uuid>` met a file the old
+// client (still serving) had just evicted or renamed, "No such file", and the mount rolled
+// back (no application error). Scans now skip vanished files
+// (`opens_while_another_cache_writes_and_evicts_in_the_same_directory` in
+// fsclient/src/data/cache.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rollouts_across_twenty_nodes_with_two_mounts_each() {
     let started = Instant::now();

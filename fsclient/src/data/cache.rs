@@ -19,6 +19,7 @@ use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -215,19 +216,23 @@ impl BlockCache {
             index.entries.get(key).and_then(|e| e.data.clone())
         };
         let found = match (&self.medium, data) {
-            (Medium::Memory, data) => data
+            (Medium::Memory, data) => Ok(data
                 .filter(|d| d.len() == block_len)
-                .map(|d| d.slice(start..end)),
-            (Medium::Disk(root), _) => read_range(&path_of(root, key), block_len, start, end)
-                .ok()
-                .flatten(),
+                .map(|d| d.slice(start..end))),
+            (Medium::Disk(root), _) => read_range(&path_of(root, key), block_len, start, end),
         };
         match found {
-            Some(b) => {
+            Ok(Some(b)) => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 Some(b)
             }
-            None => {
+            // Another client sharing the directory evicted it: a plain miss.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                self.index.lock().remove(key);
+                None
+            }
+            Ok(None) | Err(_) => {
                 self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key, "damaged block cache entry dropped");
@@ -308,24 +313,52 @@ fn path_of(root: &Path, key: &str) -> PathBuf {
     root.join(key)
 }
 
-/// Collects (key, file size, mtime) of every cache file under `dir`; deletes temporaries.
+/// A temporary file older than this is a leftover of a client that died while writing it;
+/// a younger one may belong to another client writing in the same directory right now.
+const STALE_TEMPORARY: Duration = Duration::from_secs(600);
+
+/// Collects (key, file size, mtime) of every cache file under `dir`; deletes stale
+/// temporaries.
+///
+/// Another client may use the directory at the same time (an upgrade's old client keeps
+/// serving while the new one opens the cache): files and directories that vanish during
+/// the scan are skipped.
 fn scan(
     root: &Path,
     dir: &Path,
     out: &mut Vec<(String, u64, std::time::SystemTime)>,
 ) -> io::Result<()> {
-    for entry in fs::read_dir(dir)? {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && dir != root => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
         let entry = entry?;
         let path = entry.path();
-        let ft = entry.file_type()?;
+        let ft = match entry.file_type() {
+            Ok(ft) => ft,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
         if ft.is_dir() {
             scan(root, &path, out)?;
         } else if ft.is_file() {
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             if path.extension().is_some_and(|e| e == "tmp") {
-                let _ = fs::remove_file(&path);
+                let age = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| SystemTime::now().duration_since(m).ok());
+                if age.is_some_and(|a| a >= STALE_TEMPORARY) {
+                    let _ = fs::remove_file(&path);
+                }
                 continue;
             }
-            let meta = entry.metadata()?;
             let Ok(rel) = path.strip_prefix(root) else {
                 continue;
             };
@@ -333,7 +366,7 @@ fn scan(
             out.push((
                 key.to_string(),
                 meta.len(),
-                meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             ));
         }
     }
@@ -446,7 +479,18 @@ mod tests {
             c.put("chunks/0/0/2_0_500", &block(500, 2));
             c.put("chunks/0/0/3_0_500", &block(500, 3));
         }
-        fs::write(dir.path().join("chunks/0/0/leftover.1234.tmp"), b"x").unwrap();
+        // A temporary of a client that died while writing it, and one another client is
+        // writing now.
+        let stale = dir.path().join("chunks/0/0/leftover.1234.tmp");
+        fs::write(&stale, b"x").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(SystemTime::now() - STALE_TEMPORARY)
+            .unwrap();
+        let live = dir.path().join("chunks/0/0/4_0_500.5678.tmp");
+        fs::write(&live, b"y").unwrap();
         // Flip one payload byte of block 2 and truncate block 3.
         let p2 = dir.path().join("chunks/0/0/2_0_500");
         let mut b = fs::read(&p2).unwrap();
@@ -458,7 +502,8 @@ mod tests {
         fs::write(&p3, &b[..b.len() - 1]).unwrap();
 
         let c = BlockCache::open_disk(dir.path(), 1 << 20).unwrap();
-        assert!(!dir.path().join("chunks/0/0/leftover.1234.tmp").exists());
+        assert!(!stale.exists() && live.exists());
+        assert!(!c.contains("chunks/0/0/4_0_500.5678.tmp"));
         assert_eq!(c.get("chunks/0/0/1_0_500", 500), Some(block(500, 1)));
         assert_eq!(c.get("chunks/0/0/2_0_500", 500), None);
         assert_eq!(c.get("chunks/0/0/3_0_500", 500), None);
@@ -466,6 +511,55 @@ mod tests {
         assert!(!p2.exists() && !p3.exists());
         // A length that does not match the key's is a miss too.
         assert_eq!(c.get("chunks/0/0/1_0_500", 499), None);
+    }
+
+    /// An upgrade's new client opens the cache directory while the old client still
+    /// writes (temporary file, rename) and evicts in it: files that vanish under the
+    /// scan are skipped, never an error that fails the new client's start.
+    #[test]
+    fn opens_while_another_cache_writes_and_evicts_in_the_same_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = 200 * file_len(2_000) as u64;
+        let other = BlockCache::open_disk(dir.path(), cap).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let puts = AtomicU64::new(0);
+        let key = |i: u64| format!("chunks/{}/0/{i}_0_2000", i % 7);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    other.put(&key(i), &block(2_000, i as u8));
+                    i += 1;
+                    puts.store(i, Ordering::Relaxed);
+                }
+            });
+            // Past the bound: the writer evicts from now on.
+            while puts.load(Ordering::Relaxed) < 250 {
+                std::thread::yield_now();
+            }
+            let mut failures = Vec::new();
+            for _ in 0..300 {
+                if let Err(e) = BlockCache::open_disk(dir.path(), cap) {
+                    failures.push(e.to_string());
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(
+                failures.is_empty(),
+                "{} opens failed: {:?}",
+                failures.len(),
+                &failures[..failures.len().min(3)]
+            );
+        });
+        // Whatever the two left behind is intact.
+        let c = BlockCache::open_disk(dir.path(), cap).unwrap();
+        assert!(c.stats().entries > 0);
+        for i in 0..puts.load(Ordering::Relaxed) {
+            if c.contains(&key(i)) {
+                assert_eq!(c.get(&key(i), 2_000), Some(block(2_000, i as u8)));
+            }
+        }
+        assert_eq!(c.stats().corrupt, 0);
     }
 
     #[test]
