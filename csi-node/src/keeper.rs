@@ -40,10 +40,10 @@ use crate::mountinfo::MountTable;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often deposits of mounts that are gone are dropped.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
-/// How long a deposit is kept after its client died with nobody re-seeding the mount
-/// (a restarted mount pod withdraws it within this; a deleted one never does, and then
-/// the mount must fail with ENOTCONN rather than hang).
-const ORPHAN_GRACE: Duration = Duration::from_secs(90);
+/// By default, how long a deposit is kept after its client died with nobody re-seeding
+/// the mount (a restarted or replacement mount pod withdraws it within this; if none
+/// does, the mount must fail with ENOTCONN rather than hang).
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(90);
 /// `/dev/fuse`: character device 10:229.
 const FUSE_DEV: (u32, u32) = (10, 229);
 
@@ -89,6 +89,8 @@ struct Deposit {
 pub struct Keeper {
     path: PathBuf,
     deposits: Arc<Mutex<BTreeMap<PathBuf, Deposit>>>,
+    /// [`ORPHAN_GRACE`] unless configured.
+    orphan_grace: Duration,
 }
 
 /// Where the keeper's socket is, for a state directory.
@@ -113,12 +115,14 @@ fn is_baton_mount(path: &Path) -> bool {
 }
 
 impl Keeper {
-    /// Binds the socket (replacing a stale one) and serves it on a thread.
-    pub fn start(path: PathBuf) -> Result<Keeper, KeeperError> {
+    /// Binds the socket (replacing a stale one) and serves it on a thread; deposits whose
+    /// client is dead go after `orphan_grace`.
+    pub fn start(path: PathBuf, orphan_grace: Duration) -> Result<Keeper, KeeperError> {
         let listener = bind_socket(&path)?;
         let keeper = Keeper {
             path,
             deposits: Arc::default(),
+            orphan_grace,
         };
         let k = keeper.clone();
         std::thread::Builder::new()
@@ -131,6 +135,11 @@ impl Keeper {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// [`PRUNE_INTERVAL`], or less with a short orphan grace.
+    fn prune_interval(&self) -> Duration {
+        PRUNE_INTERVAL.min((self.orphan_grace / 2).max(Duration::from_secs(1)))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, Deposit>> {
@@ -153,12 +162,13 @@ impl Keeper {
                 return true;
             }
             let since = *d.orphaned.get_or_insert(now);
-            if now.duration_since(since) < ORPHAN_GRACE {
+            if now.duration_since(since) < self.orphan_grace {
                 return true;
             }
             tracing::warn!(
                 mountpoint = %mp.display(),
-                "descriptor keeper: no supervisor re-seeded the mount in {ORPHAN_GRACE:?}; deposit dropped (the mount fails with ENOTCONN)"
+                grace = ?self.orphan_grace,
+                "descriptor keeper: no supervisor re-seeded the mount in time; deposit dropped (the mount fails with ENOTCONN)"
             );
             false
         });
@@ -169,10 +179,11 @@ impl Keeper {
         loop {
             let ready = {
                 let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-                let timeout = PollTimeout::try_from(PRUNE_INTERVAL).unwrap_or(PollTimeout::MAX);
+                let timeout =
+                    PollTimeout::try_from(self.prune_interval()).unwrap_or(PollTimeout::MAX);
                 matches!(nix::poll::poll(&mut fds, timeout), Ok(n) if n > 0)
             };
-            if pruned.elapsed() >= PRUNE_INTERVAL {
+            if pruned.elapsed() >= self.prune_interval() {
                 pruned = std::time::Instant::now();
                 self.prune();
             }

@@ -42,6 +42,10 @@ pub struct BackendRecord {
     /// Mount options given to `baton mount` (no secrets).
     pub options: Vec<String>,
     pub created_unix: u64,
+    /// The image a pod upgrade moved the mount to (pod mode; `None`: the configured
+    /// mount image). A mount pod deleted outright is replaced by one of this image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// A published target.

@@ -34,6 +34,17 @@ use crate::volume::{
     normalize_subdir, parse_mount_flags,
 };
 
+/// What [`Publisher::ensure_served`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// Not a mounted backend of this node in use: nothing to serve.
+    NotOurs,
+    /// Something serves it and will go on doing so.
+    Already,
+    /// A new mount pod (`namespace/name`) serves it now.
+    Replaced(String),
+}
+
 /// The node side of the driver.
 #[derive(Debug, Clone)]
 pub struct Publisher {
@@ -274,6 +285,7 @@ impl Publisher {
             pod,
             options: spec.options.args(),
             created_unix: now_unix(),
+            image: None,
         };
         write_record(&self.layout.backend_record(&spec.id), &record)
             .map_err(|e| CsiError::internal("writing the backend record", &e))?;
@@ -401,6 +413,38 @@ impl Publisher {
             .iter()
             .filter(|e| e.dev == dev && e.mountpoint.parent() == Some(mnt.as_path()))
             .find_map(|e| BackendId::from_hex(&e.mountpoint.file_name()?.to_string_lossy()))
+    }
+
+    /// Makes sure the mounted backend `id` stays served when what serves it goes away (its
+    /// mount pod is being deleted: [`Mounter::ensure_served`]). Nothing to do for a
+    /// backend that is not mounted, not recorded, or has no user (it is released instead).
+    pub fn ensure_served(&self, id: &BackendId) -> Result<Served, CsiError> {
+        let _backend = self.backends.lock(id.as_str());
+        let record_path = self.layout.backend_record(id);
+        let Some(mut record) = read_record::<BackendRecord>(&record_path).ok().flatten() else {
+            return Ok(Served::NotOurs);
+        };
+        let mp = self.layout.backend_mountpoint(id);
+        let table = read_table()?;
+        let Some(e) = table.at(&mp).filter(|e| e.is_baton()) else {
+            return Ok(Served::NotOurs);
+        };
+        if table.users_of(e.dev, &mp, &self.layout.mnt_dir()).count() == 0 {
+            return Ok(Served::NotOurs);
+        }
+        match self
+            .mounter
+            .ensure_served(id, &record, &mp)
+            .map_err(|e| e.into_csi("replacing the mount pod"))?
+        {
+            None => Ok(Served::Already),
+            Some(pod) => {
+                record.pod = Some(pod.clone());
+                write_record(&record_path, &record)
+                    .map_err(|e| CsiError::internal("writing the backend record", &e))?;
+                Ok(Served::Replaced(pod))
+            }
+        }
     }
 
     /// Unmounts a backend that has no user left; returns how many users it has.

@@ -412,7 +412,13 @@ fn processes_of(needle: &str) -> Vec<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_backend_is_reported_and_mounted_afresh() {
-    let d = Driver::start(DriverOptions::default());
+    // The descriptor keeper holds a mount whose processes all died for a while, waiting
+    // for a supervisor to re-seed it; none does here (process mode): after 2 s the mount
+    // fails, as it must.
+    let d = Driver::start(DriverOptions {
+        extra_args: vec!["--keeper-orphan-grace".into(), "2".into()],
+        ..Default::default()
+    });
     d.wait_ready().await;
     let mut node = d.node().await;
     let secrets = embedded_secrets(d.dir.path());

@@ -746,48 +746,21 @@ async fn pod_upgrades_move_mounts_to_new_mount_pods() {
 /// and no error, and every record is there once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mount_pod_killed_whole_is_reseeded_from_the_keeper() {
-    let (cluster, admin, sa) = cluster_with_node_a().await;
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
-    let (d, _kubelet) = start_node_a(&cluster, &sa, Vec::new(), HashMap::new()).await;
-    let mut node = d.node().await;
-    let t1 = kubelet_target(&d, "uid-1", "pv-one");
-    let s1 = embedded_secrets(&d.dir.path().join("v1"));
-    node.node_publish_volume(publish_req("handle-one", &t1, &s1, None, false))
-        .await
-        .unwrap();
-    let mp = d.backend_mounts().pop().unwrap().display().to_string();
-    // The application is its own process (as in a pod): its calls wait in the kernel
-    // while no client serves.
-    let app_errors = d.dir.path().join("app-errors");
-    let app = AppProcess(
-        std::process::Command::new("sh")
-            .arg("-c")
-            .arg(
-                "exec 3>>held.log; i=0; while :; do \
-                 echo \"record $i\" >&3 || echo \"append $i failed\" >&2; \
-                 i=$((i+1)); sleep 0.005; done",
-            )
-            .current_dir(&t1)
-            .stderr(std::fs::File::create(&app_errors).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let logs = || {
-        d.all_logs()
-            .into_iter()
-            .map(|(p, t)| format!("== {}\n{t}", p.display()))
-            .collect::<String>()
-    };
+    let OneMount {
+        pods,
+        d,
+        mut node,
+        target: t1,
+        mp,
+        app,
+        _kubelet,
+        _cluster,
+    } = OneMount::start().await;
+    let logs = || d.logs();
     // The supervisor deposits the mount once its client serves.
     let before = mount_status(&d, &mp);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let records = || {
-        std::fs::read_to_string(t1.join("held.log"))
-            .unwrap()
-            .lines()
-            .count()
-    };
-    let at_kill = records();
+    let at_kill = app.records();
 
     // kill -9 of the supervisor and the client together, as an OOM kill of the container.
     let pids = [&before["supervisor_pid"], &before["client_pid"]].map(|v| v.as_i64().unwrap());
@@ -796,26 +769,7 @@ async fn a_mount_pod_killed_whole_is_reseeded_from_the_keeper() {
         assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
     }
     // The restarted container re-seeds the mount: a new supervisor serves it.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let after = loop {
-        let out = std::process::Command::new(baton_bin())
-            .args(["status", &mp, "--json"])
-            .env("BATON_HOME", d.state.join("home"))
-            .output()
-            .unwrap();
-        if out.status.success() {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            if v["supervisor_pid"] != before["supervisor_pid"] && v["state"] == "serving" {
-                break v;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the mount was not re-seeded; logs:\n{}",
-            logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let after = served_by_another(&d, &mp, &before, logs).await;
     eprintln!("re-seeded: {after}");
     assert!(
         after["generation"].as_u64() > before["generation"].as_u64(),
@@ -832,32 +786,247 @@ async fn a_mount_pod_killed_whole_is_reseeded_from_the_keeper() {
         .restart_count;
     assert_eq!(restarts, 1, "the container was restarted once");
     // The application goes on through its descriptor.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while records() < at_kill + 50 {
-        assert!(Instant::now() < deadline, "the application does not go on");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    drop(app);
-    let log = std::fs::read_to_string(t1.join("held.log")).unwrap();
-    let n = log.lines().count();
-    let want: String = (0..n).map(|i| format!("record {i}\n")).collect();
-    assert!(
-        log == want,
-        "records lost, doubled or out of order ({n} lines)"
-    );
-    let errors = std::fs::read_to_string(&app_errors).unwrap();
-    assert!(errors.is_empty(), "the application saw errors: {errors}");
+    app.goes_on(at_kill).await;
+    let n = app.finish();
     eprintln!("{n} records appended, {at_kill} before the kill");
     unpublish_all(&mut node, &pods, &[("handle-one", &t1)]).await;
     drop(d);
 }
 
-/// A child process killed (and reaped) when dropped.
-struct AppProcess(std::process::Child);
+/// node-a with volume `handle-one` published at a kubelet target and a [`HeldAppender`]
+/// on it. Fields drop in order: the application, the kubelet, the driver, the cluster.
+struct OneMount {
+    app: HeldAppender,
+    node: NodeClient<tonic::transport::Channel>,
+    _kubelet: FakeKubelet,
+    d: Driver,
+    pods: Api<Pod>,
+    target: PathBuf,
+    /// The backend's mountpoint.
+    mp: String,
+    _cluster: KubeCluster,
+}
 
-impl Drop for AppProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl OneMount {
+    async fn start() -> OneMount {
+        let (cluster, admin, sa) = cluster_with_node_a().await;
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+        let (d, kubelet) = start_node_a(&cluster, &sa, Vec::new(), HashMap::new()).await;
+        let mut node = d.node().await;
+        let target = kubelet_target(&d, "uid-1", "pv-one");
+        let secrets = embedded_secrets(&d.dir.path().join("v1"));
+        node.node_publish_volume(publish_req("handle-one", &target, &secrets, None, false))
+            .await
+            .unwrap();
+        let mp = d.backend_mounts().pop().unwrap().display().to_string();
+        let app = HeldAppender::start(&target, &d.dir.path().join("app-errors"));
+        OneMount {
+            app,
+            node,
+            _kubelet: kubelet,
+            d,
+            pods,
+            target,
+            mp,
+            _cluster: cluster,
+        }
     }
+}
+
+/// An application in its own process (as in a pod): it appends numbered records to
+/// `held.log` through a descriptor it holds open, so its calls wait in the kernel while
+/// no client serves; it writes every failed call to its error file. Killed when dropped.
+struct HeldAppender {
+    child: std::process::Child,
+    log: PathBuf,
+    errors: PathBuf,
+}
+
+impl HeldAppender {
+    fn start(dir: &Path, errors: &Path) -> HeldAppender {
+        let child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(
+                "exec 3>>held.log; i=0; while :; do \
+                 echo \"record $i\" >&3 || echo \"append $i failed\" >&2; \
+                 i=$((i+1)); sleep 0.005; done",
+            )
+            .current_dir(dir)
+            .stderr(std::fs::File::create(errors).unwrap())
+            .spawn()
+            .unwrap();
+        HeldAppender {
+            child,
+            log: dir.join("held.log"),
+            errors: errors.to_path_buf(),
+        }
+    }
+
+    fn records(&self) -> usize {
+        std::fs::read_to_string(&self.log).unwrap().lines().count()
+    }
+
+    /// Waits until 50 records more than `since` are there.
+    async fn goes_on(&self, since: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.records() < since + 50 {
+            assert!(Instant::now() < deadline, "the application does not go on");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the application; checks that every record is there once, in order, and
+    /// that no call failed. Returns the number of records.
+    fn finish(mut self) -> usize {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let log = std::fs::read_to_string(&self.log).unwrap();
+        let n = log.lines().count();
+        let want: String = (0..n).map(|i| format!("record {i}\n")).collect();
+        assert!(
+            log == want,
+            "records lost, doubled or out of order ({n} lines)"
+        );
+        let errors = std::fs::read_to_string(&self.errors).unwrap();
+        assert!(errors.is_empty(), "the application saw errors: {errors}");
+        n
+    }
+}
+
+impl Drop for HeldAppender {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The mount's status once a supervisor other than `before`'s serves it.
+async fn served_by_another(
+    d: &Driver,
+    mp: &str,
+    before: &serde_json::Value,
+    logs: impl Fn() -> String,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let out = std::process::Command::new(baton_bin())
+            .args(["status", mp, "--json"])
+            .env("BATON_HOME", d.state.join("home"))
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if v["supervisor_pid"] != before["supervisor_pid"] && v["state"] == "serving" {
+                return v;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no other supervisor serves the mount; logs:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A mount pod deleted while its mount is in use (an eviction, `kubectl delete pod`) is
+/// replaced: its supervisor serves on after SIGTERM, baton-csi starts another mount pod
+/// whose supervisor takes the mount over, and the old pod ends. Deleted without a grace
+/// period, its processes die at once: the keeper holds the connection and the
+/// replacement re-seeds it. The application, appending through a descriptor it holds,
+/// sees pauses and no error; every record is there once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_mount_pod_is_replaced_without_an_application_error() {
+    let OneMount {
+        pods,
+        d,
+        mut node,
+        target: t1,
+        mp,
+        app,
+        _kubelet,
+        _cluster,
+    } = OneMount::start().await;
+    let logs = || d.logs();
+    let only_pod = || async {
+        let list = pods_of(&pods, &mp).await;
+        assert_eq!(list.len(), 1, "one mount pod");
+        list[0].metadata.name.clone().unwrap()
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // 1. Deleted with its grace period: the new pod's supervisor takes the mount over
+    // from the old one, which serves on meanwhile.
+    let first = only_pod().await;
+    let before = mount_status(&d, &mp);
+    let at_delete = app.records();
+    let deleted = Instant::now();
+    pods.delete(&first, &Default::default()).await.unwrap();
+    let after = served_by_another(&d, &mp, &before, logs).await;
+    eprintln!(
+        "taken over {:?} after the delete: {after}",
+        deleted.elapsed()
+    );
+    wait_one_pod(&pods, &mp, "the deleted mount pod ends").await;
+    let second = only_pod().await;
+    assert_ne!(second, first);
+    app.goes_on(at_delete).await;
+    let old_log = d
+        .dir
+        .path()
+        .join("kubelet")
+        .join(format!("{NS}_{first}.log"));
+    let old_log = std::fs::read_to_string(&old_log).unwrap_or_default();
+    assert!(
+        old_log.contains("SIGTERM: the mount stays"),
+        "the old supervisor did not serve on after SIGTERM:\n{old_log}"
+    );
+    // The record names the pod that serves now.
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.state.join("backends").join(format!(
+            "{}.json",
+            Path::new(&mp).file_name().unwrap().to_string_lossy()
+        )))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["pod"], format!("{NS}/{second}"), "{record}");
+
+    // 2. Deleted without a grace period: its processes die at once; the keeper holds the
+    // connection and the replacement re-seeds the mount from it.
+    let before = mount_status(&d, &mp);
+    let at_delete = app.records();
+    let now = kube::api::DeleteParams {
+        grace_period_seconds: Some(0),
+        ..Default::default()
+    };
+    let deleted = Instant::now();
+    pods.delete(&second, &now).await.unwrap();
+    let after = served_by_another(&d, &mp, &before, logs).await;
+    eprintln!(
+        "re-seeded {:?} after the delete: {after}",
+        deleted.elapsed()
+    );
+    assert!(
+        after["generation"].as_u64() > before["generation"].as_u64(),
+        "{after}"
+    );
+    wait_one_pod(&pods, &mp, "one mount pod").await;
+    let third = only_pod().await;
+    assert!(third != second && third != first);
+    let new_log = d
+        .dir
+        .path()
+        .join("kubelet")
+        .join(format!("{NS}_{third}.log"));
+    let new_log = std::fs::read_to_string(&new_log).unwrap_or_default();
+    assert!(
+        new_log.contains("re-seeding the mount from the descriptor keeper"),
+        "the replacement did not re-seed from the keeper:\n{new_log}"
+    );
+    app.goes_on(at_delete).await;
+    let n = app.finish();
+    eprintln!("{n} records appended");
+    unpublish_all(&mut node, &pods, &[("handle-one", &t1)]).await;
+    drop(d);
 }

@@ -73,6 +73,15 @@ impl Keeper {
         Keeper { path }
     }
 
+    /// The keeper socket's (device, inode), if it exists: a restarted keeper binds a new
+    /// socket, and holds nothing.
+    pub fn socket_identity(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    }
+
     fn exchange(
         &self,
         msg: &ToKeeper,

@@ -10,6 +10,7 @@
 //! check reply, write it to /dev/fuse, Serve   the mount serves; readiness is signalled
 //! upgrade::driver::Driver::run                 the event loop, upgrades and restarts:
 //!       SIGTERM/SIGINT/SIGHUP   -> (an upgrade rolls back first) lazy umount, Shutdown
+//!       SIGTERM, keeper holds it -> serve on until a take-over, an umount or SIGKILL
 //!       `baton umount` (control) -> umount (busy: answer Busy, keep serving), Shutdown...
 //!       `baton upgrade`          -> live upgrade (upgrade::machine)
 //!       client's SessionEnded   -> (unmounted from outside) Shutdown, reap, exit 0

@@ -23,6 +23,7 @@ use csi_node::provision::Provisioner;
 use csi_node::publish::Publisher;
 use csi_node::rollout::{Action, Ended, Rollout};
 use csi_node::upgrade::binaries::BinaryStore;
+use csi_node::upgrade::evicted::Replacements;
 use csi_node::upgrade::executor::Executor;
 use csi_node::upgrade::handle::Handler;
 use csi_node::upgrade::pod::PodUpgrader;
@@ -93,6 +94,10 @@ struct Args {
     /// How often unused backends are looked for, in seconds.
     #[arg(long, default_value = "60", value_parser = parse_secs)]
     reconcile_interval: Duration,
+    /// How long the descriptor keeper holds a mount whose processes all died with no
+    /// supervisor re-seeding it, in seconds; then the mount fails with ENOTCONN.
+    #[arg(long, default_value = "90", value_parser = parse_secs)]
+    keeper_orphan_grace: Duration,
     /// Namespace of the mount pods (pod mode).
     #[arg(long, env = "POD_NAMESPACE", default_value = "baton-system")]
     namespace: String,
@@ -277,7 +282,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The node's descriptor keeper: mounts whose processes all die wait for a new
     // supervisor instead of failing (csi_node::keeper).
     let keeper = if serve_node {
-        match Keeper::start(keeper_socket_path(&args.state_dir)) {
+        match Keeper::start(
+            keeper_socket_path(&args.state_dir),
+            args.keeper_orphan_grace,
+        ) {
             Ok(k) => Some(k),
             Err(e) => {
                 tracing::error!(error = %csi_node::error::chain(&e), "no descriptor keeper: a mount whose processes all die fails");
@@ -391,7 +399,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 mount_pod_labels: mount_pod_selector(&node_id),
                 pv_labels: args.pv_label_selector.clone(),
             };
-            tokio::spawn(csi_node::upgrade::run(client, cfg, handler));
+            let replacements = matches!(args.mount_mode, MountMode::Pod).then(|| {
+                let p = Arc::clone(&publisher);
+                Replacements {
+                    ensure: Arc::new(move |id| p.ensure_served(id).map_err(|e| e.to_string())),
+                    in_use: in_use.iter().map(|(id, _)| id.clone()).collect(),
+                }
+            });
+            tokio::spawn(csi_node::upgrade::run(client, cfg, handler, replacements));
             tracing::info!("watching for upgrade requests");
         }
         Some(NodeService { node_id, publisher })

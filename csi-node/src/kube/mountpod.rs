@@ -39,7 +39,13 @@ use crate::layout::{BackendRecord, MountMode, hex};
 use crate::mounter::process::unmount_backend;
 use crate::mounter::{MountError, Mounter};
 use crate::mountinfo::MountTable;
+use crate::upgrade::executor::{Executor, MountState};
+use crate::upgrade::pod::successor_pod;
 use crate::volume::{BackendId, BackendSpec};
+
+/// Beyond the mount timeout, how long a replacement mount pod may take to serve (its
+/// supervisor takes the mount over, then moves the client into its own pod).
+const REPLACEMENT_GRACE: Duration = Duration::from_secs(90);
 
 /// Label: which backend a mount pod (and its Secret) serves.
 pub const LABEL_BACKEND: &str = "baton.dev/backend";
@@ -96,6 +102,18 @@ impl MountPodConfig {
         mount_pod_selector(&self.node_name)
     }
 
+    /// A name for another mount pod of backend `id` (a pod upgrade's successor, the
+    /// replacement of a deleted pod): the first pod's name and a short hash of `salt` and
+    /// the time.
+    pub fn successor_name(&self, id: &BackendId, salt: &str) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let digest = Sha256::digest(format!("{salt}\n{nanos}").as_bytes());
+        format!("{}-{}", self.pod_name(id), hex(&digest[..3]))
+    }
+
     /// The label selector of backend `id`'s mount pods on this node.
     pub fn backend_selector(&self, id: &BackendId) -> String {
         format!("{},{LABEL_BACKEND}={id}", self.selector())
@@ -122,7 +140,18 @@ pub fn mount_pod(
     mountpoint: &Path,
     node_uid: &str,
 ) -> Pod {
-    let name = cfg.pod_name(&spec.id);
+    backend_pod(cfg, &spec.id, &spec.options.args(), mountpoint, node_uid)
+}
+
+/// The first mount pod of backend `id` (`baton mount` with `options`) at `mountpoint`.
+fn backend_pod(
+    cfg: &MountPodConfig,
+    id: &BackendId,
+    options: &[String],
+    mountpoint: &Path,
+    node_uid: &str,
+) -> Pod {
+    let name = cfg.pod_name(id);
     let state = cfg.state_dir.display().to_string();
     let mut command: Vec<String> = vec![
         "baton".into(),
@@ -133,7 +162,7 @@ pub fn mount_pod(
         "--meta".into(),
         format!("$({SECRET_META_KEY})"),
     ];
-    command.extend(spec.options.args());
+    command.extend(options.iter().cloned());
     let mut requests = serde_json::Map::new();
     if let Some(c) = &cfg.cpu_request {
         requests.insert("cpu".into(), json!(c));
@@ -157,7 +186,7 @@ pub fn mount_pod(
         "metadata": {
             "name": name,
             "namespace": cfg.namespace,
-            "labels": cfg.labels(&spec.id),
+            "labels": cfg.labels(id),
             "annotations": {
                 "baton.dev/mountpoint": mountpoint.display().to_string(),
                 "baton.dev/node": cfg.node_name,
@@ -390,6 +419,131 @@ impl PodMounter {
         Ok(format!("{}/{}", self.config.namespace, name))
     }
 
+    /// [`Mounter::ensure_served`]: if every pod of backend `id` is being deleted or gone
+    /// while the backend is mounted, starts a replacement with `baton mount --take-over`.
+    /// Its supervisor takes the mount over from the terminating pod's supervisor (which
+    /// serves on after SIGTERM while the keeper holds the mount), or, if that one is
+    /// dead already, withdraws the connection from the descriptor keeper and re-seeds it.
+    async fn ensure_served_async(
+        &self,
+        id: &BackendId,
+        record: &BackendRecord,
+        mountpoint: &Path,
+    ) -> Result<Option<String>, MountError> {
+        let lp = ListParams::default().labels(&self.config.backend_selector(id));
+        let pods = self.pods().list(&lp).await.map_err(kube_err)?.items;
+        if pods.iter().any(|p| p.metadata.deletion_timestamp.is_none()) {
+            return Ok(None);
+        }
+        let executor = Executor {
+            baton: self.baton.clone(),
+            timeout: Duration::from_secs(30),
+        };
+        let before = executor.state(mountpoint).await;
+        // The newest of the terminating pods is what served the mount last.
+        let template = pods
+            .iter()
+            .max_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
+        let image = template
+            .and_then(|p| p.spec.as_ref())
+            .and_then(|s| s.containers.first())
+            .and_then(|c| c.image.clone())
+            .or_else(|| record.image.clone())
+            .unwrap_or_else(|| self.config.image.clone());
+        let name = self.config.successor_name(id, "replacement");
+        let pod = match template {
+            Some(old) => successor_pod(old, &name, &image, None),
+            None => {
+                // Deleted without a grace period: nothing to copy, build it afresh.
+                let node = Api::<Node>::all(self.client.clone())
+                    .get(&self.config.node_name)
+                    .await
+                    .map_err(kube_err)?;
+                let mut cfg = self.config.clone();
+                cfg.image = image.clone();
+                let first = backend_pod(
+                    &cfg,
+                    id,
+                    &record.options,
+                    mountpoint,
+                    &node.metadata.uid.unwrap_or_default(),
+                );
+                successor_pod(&first, &name, &image, None)
+            }
+        };
+        self.pods()
+            .create(&PostParams::default(), &pod)
+            .await
+            .map_err(kube_err)?;
+        let replaced: Vec<&str> = pods
+            .iter()
+            .filter_map(|p| p.metadata.name.as_deref())
+            .collect();
+        tracing::warn!(backend = %id, pod = %name, ?replaced, "every mount pod of a mounted backend is being deleted: a new one takes the mount over");
+        match self
+            .wait_served_by_another(&executor, &name, mountpoint, before.as_ref())
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(backend = %id, pod = %name, "the new mount pod serves the mount");
+                Ok(Some(format!("{}/{name}", self.config.namespace)))
+            }
+            Err(e) => {
+                let dp = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..DeleteParams::default()
+                };
+                if let Err(d) = self.pods().delete(&name, &dp).await {
+                    tracing::warn!(pod = %name, error = %crate::error::chain(&d), "cannot delete the failed replacement mount pod");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits until a supervisor other than `before`'s serves `mountpoint` (the one of pod
+    /// `name`), the pod fails, or the timeout.
+    async fn wait_served_by_another(
+        &self,
+        executor: &Executor,
+        name: &str,
+        mountpoint: &Path,
+        before: Option<&MountState>,
+    ) -> Result<(), MountError> {
+        let deadline = Instant::now() + self.config.mount_timeout + REPLACEMENT_GRACE;
+        let mut last_check = Instant::now();
+        loop {
+            if let Some(s) = executor.state(mountpoint).await {
+                let another = before.is_none_or(|b| b.supervisor_pid != s.supervisor_pid);
+                if another && s.state.as_deref().is_none_or(|st| st == "serving") {
+                    return Ok(());
+                }
+            }
+            if last_check.elapsed() >= Duration::from_secs(1) {
+                last_check = Instant::now();
+                if let Some((_, why)) = self.problem_of(name).await? {
+                    return Err(MountError::PodFailed(format!("{name}: {why}")));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(MountError::Timeout(
+                    self.config.mount_timeout + REPLACEMENT_GRACE,
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// What is wrong with mount pod `name` ([`pod_problem`]); an error if it is gone.
+    async fn problem_of(&self, name: &str) -> Result<Option<(bool, String)>, MountError> {
+        match self.pods().get_opt(name).await.map_err(kube_err)? {
+            None => Err(MountError::PodFailed(format!(
+                "mount pod {name} disappeared"
+            ))),
+            Some(p) => Ok(pod_problem(&p)),
+        }
+    }
+
     /// Waits until the mount serves, the pod fails, or the timeout.
     async fn wait_mounted(&self, name: &str, mountpoint: &Path) -> Result<(), MountError> {
         let deadline = Instant::now() + self.config.mount_timeout;
@@ -405,19 +559,12 @@ impl PodMounter {
             }
             if last_check.elapsed() >= Duration::from_secs(1) {
                 last_check = Instant::now();
-                match self.pods().get_opt(name).await.map_err(kube_err)? {
-                    None => {
-                        return Err(MountError::PodFailed(format!(
-                            "mount pod {name} disappeared"
-                        )));
+                match self.problem_of(name).await? {
+                    Some((true, why)) => {
+                        return Err(MountError::PodFailed(format!("{name}: {why}")));
                     }
-                    Some(p) => match pod_problem(&p) {
-                        Some((true, why)) => {
-                            return Err(MountError::PodFailed(format!("{name}: {why}")));
-                        }
-                        Some((false, why)) => problem = Some(why),
-                        None => {}
-                    },
+                    Some((false, why)) => problem = Some(why),
+                    None => {}
                 }
             }
             if Instant::now() >= deadline {
@@ -471,6 +618,16 @@ impl Mounter for PodMounter {
             .block_on(self.delete_pods(id, self.config.mount_timeout))?;
         tracing::info!(backend = %id, "mount pods deleted");
         Ok(())
+    }
+
+    fn ensure_served(
+        &self,
+        id: &BackendId,
+        record: &BackendRecord,
+        mountpoint: &Path,
+    ) -> Result<Option<String>, MountError> {
+        self.runtime
+            .block_on(self.ensure_served_async(id, record, mountpoint))
     }
 
     fn instances(&self) -> Result<Vec<BackendId>, MountError> {

@@ -55,6 +55,19 @@ pub trait Mounter: Send + Sync + std::fmt::Debug {
         mountpoint: &Path,
     ) -> Result<(), MountError>;
 
+    /// Makes sure something will serve the mounted backend `id` once what serves it now
+    /// goes away: in pod mode, when every mount pod of the backend is being deleted (an
+    /// eviction, a `kubectl delete`) or gone, a new one takes the mount over. Returns the
+    /// new mount pod (`namespace/name`) if one was started.
+    fn ensure_served(
+        &self,
+        _id: &BackendId,
+        _record: &BackendRecord,
+        _mountpoint: &Path,
+    ) -> Result<Option<String>, MountError> {
+        Ok(None)
+    }
+
     /// Backends whose server this mounter runs on the node, mounted or not (mount pods of
     /// this node): what a restarted plugin must check besides the mount table.
     fn instances(&self) -> Result<Vec<BackendId>, MountError> {

@@ -356,6 +356,7 @@ impl Handler {
             .await;
         if let Some(new_pod) = done.new_pod {
             record.pod = Some(new_pod);
+            record.image = Some(image.to_string());
             if let Err(e) = write_record(&record_path, &record) {
                 tracing::warn!(backend = %id, error = %crate::error::chain(&e), "cannot record the new mount pod");
             }

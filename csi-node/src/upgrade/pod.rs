@@ -32,12 +32,10 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use super::executor::{Executor, MountState, UpgradeOutcome};
 use super::request::{STATUS_ANNOTATION, UPGRADE_ANNOTATION, UpgradeStatus};
 use crate::kube::mountpod::{MountPodConfig, pod_problem};
-use crate::layout::hex;
 use crate::volume::BackendId;
 
 /// The flag that makes `baton mount` take a live mount over.
@@ -96,11 +94,13 @@ fn old_kept(pod: &Pod) -> bool {
 }
 
 /// The successor of `old`: its spec with `image` and `--take-over`, a new name, the same
-/// labels and owner, `running` as its status annotation.
-pub fn successor_pod(old: &Pod, name: &str, image: &str, running: &UpgradeStatus) -> Pod {
+/// labels and owner, `status` (if given) as its status annotation.
+pub fn successor_pod(old: &Pod, name: &str, image: &str, status: Option<&UpgradeStatus>) -> Pod {
     let mut annotations = old.metadata.annotations.clone().unwrap_or_default();
     annotations.remove(UPGRADE_ANNOTATION);
-    annotations.insert(STATUS_ANNOTATION.into(), running.to_json());
+    if let Some(st) = status {
+        annotations.insert(STATUS_ANNOTATION.into(), st.to_json());
+    }
     annotations.insert(
         REPLACES_ANNOTATION.into(),
         old.metadata.name.clone().unwrap_or_default(),
@@ -130,17 +130,6 @@ pub fn successor_pod(old: &Pod, name: &str, image: &str, running: &UpgradeStatus
 impl PodUpgrader {
     fn pods(&self) -> Api<Pod> {
         Api::namespaced(self.client.clone(), &self.config.namespace)
-    }
-
-    /// A name for the successor of the backend's mount pod: the first pod's name and a
-    /// short hash of the image and the time.
-    fn successor_name(&self, id: &BackendId, image: &str) -> String {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let digest = Sha256::digest(format!("{image}\n{nanos}").as_bytes());
-        format!("{}-{}", self.config.pod_name(id), hex(&digest[..3]))
     }
 
     /// Replaces mount pod `pod` (its name) of backend `id`, serving `mountpoint`, by one
@@ -177,8 +166,8 @@ impl PodUpgrader {
                 new_pod: None,
             };
         }
-        let name = self.successor_name(id, image);
-        let new = successor_pod(&old, &name, image, running);
+        let name = self.config.successor_name(id, image);
+        let new = successor_pod(&old, &name, image, Some(running));
         if let Err(e) = self.pods().create(&PostParams::default(), &new).await {
             return failed(
                 g0,
@@ -358,7 +347,7 @@ mod tests {
         }))
         .expect("pod");
         let running = UpgradeStatus::new(Phase::Running, "pod:img:2", "pod/ns/baton-mount-aa-bb");
-        let new = successor_pod(&old, "baton-mount-aa-bb-0a0b0c", "img:2", &running);
+        let new = successor_pod(&old, "baton-mount-aa-bb-0a0b0c", "img:2", Some(&running));
         let c = &new.spec.as_ref().expect("spec").containers[0];
         assert_eq!(c.image.as_deref(), Some("img:2"));
         assert_eq!(
@@ -380,7 +369,7 @@ mod tests {
             "Node"
         );
         // A successor of a successor does not repeat the flag.
-        let again = successor_pod(&new, "x", "img:3", &running);
+        let again = successor_pod(&new, "x", "img:3", None);
         let cmd = again.spec.expect("spec").containers[0]
             .command
             .clone()

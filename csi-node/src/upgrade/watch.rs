@@ -40,6 +40,8 @@ pub struct Seen {
     pub annotations: BTreeMap<String, String>,
     /// False for a DELETED event.
     pub exists: bool,
+    /// The object is being deleted (it has a deletion timestamp).
+    pub deleting: bool,
 }
 
 impl Seen {
@@ -78,6 +80,7 @@ fn seen<K>(kind: Kind, m: &PartialObjectMeta<K>, exists: bool) -> Seen {
         labels: md.labels.clone().unwrap_or_default(),
         annotations: md.annotations.clone().unwrap_or_default(),
         exists,
+        deleting: md.deletion_timestamp.is_some(),
     }
 }
 

@@ -143,6 +143,14 @@ impl Driver {
         logs
     }
 
+    /// Every log, each headed by its path, as one text (for a failure message).
+    pub fn logs(&self) -> String {
+        self.all_logs()
+            .into_iter()
+            .map(|(p, t)| format!("== {}\n{t}", p.display()))
+            .collect()
+    }
+
     /// Panics if any log, or any record in the state directory, contains one of `secrets`.
     pub fn assert_no_secret_logged(&self, secrets: &[&str]) {
         let mut files = self.all_logs();

@@ -8,7 +8,8 @@
 //!   pidfd readable    -> the channel's last messages first, then reap -> handle_exit
 //!   control request   -> Status | Upgrade (-> handle_request; answered by Report)
 //!                        | Umount (refused during an upgrade)
-//!   signal            -> cancel the upgrade (rolls back before the commit), then stop
+//!   signal            -> cancel the upgrade (rolls back before the commit), then stop;
+//!                        SIGTERM while the descriptor keeper holds the mount: serve on
 //!   deadline          -> handle_timeout
 //!   after each: every machine action, in order:
 //!     Spawn -> start the binary, send Start      Send -> queue (fd attached for Init)
@@ -172,6 +173,22 @@ enum End {
     HandedOver(Generation),
 }
 
+/// What the descriptor keeper holds of this mount.
+#[derive(Debug)]
+struct Kept {
+    keeper: Keeper,
+    /// The generation last deposited (whether the keeper took it or not).
+    deposited: Option<Generation>,
+    /// The keeper's socket (device, inode) when it last took a deposit: a restarted
+    /// keeper (a new socket) starts empty and is given the mount again.
+    holder: Option<(u64, u64)>,
+    /// When the keeper's socket was last looked at.
+    checked: Instant,
+}
+
+/// How often the supervisor checks that the keeper holding its mount is still the same.
+const KEEPER_CHECK: Duration = Duration::from_secs(10);
+
 /// The running mount.
 #[derive(Debug)]
 pub struct Driver {
@@ -189,8 +206,11 @@ pub struct Driver {
     /// A signal arrived during an upgrade: stop once it has ended (or at the deadline).
     stopping: Option<(Signal, Instant)>,
     metrics: Option<MetricsServer>,
-    /// The descriptor keeper (`BATON_KEEPER`) and the generation last deposited there.
-    keeper: Option<(Keeper, Option<Generation>)>,
+    /// The descriptor keeper (`BATON_KEEPER`) and what it holds of this mount.
+    keeper: Option<Kept>,
+    /// SIGTERM arrived while the keeper holds the mount: serving on until another
+    /// supervisor takes the mount over, it is unmounted, or this process is killed.
+    terminating: bool,
     init_request: Vec<u8>,
     init_reply: Vec<u8>,
 }
@@ -257,27 +277,47 @@ impl Driver {
             upgrade_span: None,
             stopping: None,
             metrics,
-            keeper: Keeper::from_env().map(|k| (k, None)),
+            keeper: Keeper::from_env().map(|keeper| Kept {
+                keeper,
+                deposited: None,
+                holder: None,
+                checked: Instant::now(),
+            }),
+            terminating: false,
             init_request,
             init_reply,
         }
     }
 
-    /// Deposits the mount with the descriptor keeper once a new generation serves (a
-    /// failure is logged: the mount serves on, unprotected against the death of all its
-    /// processes).
+    /// Deposits the mount with the descriptor keeper once a new generation serves, and
+    /// again when the keeper restarted (a failure is logged: the mount serves on,
+    /// unprotected against the death of all its processes).
     fn deposit(&mut self) {
-        let Some((keeper, deposited)) = &mut self.keeper else {
+        let Some(kept) = &mut self.keeper else {
             return;
         };
         let serving = self.machine.serving();
         if self.machine.phase() != PhaseKind::Idle
-            || *deposited == Some(serving.generation)
             || !self.clients.contains_key(&serving.generation)
         {
             return;
         }
-        *deposited = Some(serving.generation);
+        let again = kept.deposited == Some(serving.generation);
+        if again {
+            if kept.checked.elapsed() < KEEPER_CHECK {
+                return;
+            }
+            kept.checked = Instant::now();
+            let now = kept.keeper.socket_identity();
+            if now.is_none() || now == kept.holder {
+                return;
+            }
+            if kept.holder.is_some() {
+                tracing::info!("the descriptor keeper restarted: depositing the mount again");
+            }
+        }
+        kept.deposited = Some(serving.generation);
+        kept.checked = Instant::now();
         let client_pid = self
             .clients
             .get(&serving.generation)
@@ -295,11 +335,21 @@ impl Driver {
             init_reply: self.init_reply.clone(),
             journal: true,
         };
-        match keeper.deposit(adoption, self.fuse.as_fd(), Some(self.journal.as_fd())) {
+        let identity = kept.keeper.socket_identity();
+        match kept
+            .keeper
+            .deposit(adoption, self.fuse.as_fd(), Some(self.journal.as_fd()))
+        {
             Ok(()) => {
+                kept.holder = identity;
                 tracing::info!(generation = %serving.generation, "deposited with the descriptor keeper")
             }
+            // A retry of a deposit that failed already is only worth a debug line.
+            Err(e) if again && kept.holder.is_none() => {
+                tracing::debug!(error = %chain(&e), "the descriptor keeper still does not take the mount")
+            }
             Err(e) => {
+                kept.holder = None;
                 tracing::warn!(error = %chain(&e), "the descriptor keeper did not take the mount")
             }
         }
@@ -442,6 +492,9 @@ impl Driver {
             let left = d.saturating_duration_since(Instant::now());
             deadline = Some(deadline.map_or(left, |x| x.min(left)));
         }
+        if self.keeper.is_some() {
+            deadline = Some(deadline.map_or(KEEPER_CHECK, |x| x.min(KEEPER_CHECK)));
+        }
         // Round up: waking before the deadline would only spin.
         let timeout = match deadline {
             None => PollTimeout::NONE,
@@ -531,7 +584,36 @@ impl Driver {
         Ok(self.execute())
     }
 
+    /// Whether the descriptor keeper holds the mount now: while a client serves, it is
+    /// given the mount again (a keeper that died since the last deposit does not count).
+    fn keeper_holds(&mut self) -> bool {
+        let Some(kept) = &mut self.keeper else {
+            return false;
+        };
+        if kept.holder.is_none() {
+            return false;
+        }
+        if self.machine.phase() == PhaseKind::Idle {
+            kept.deposited = None;
+            self.deposit();
+        }
+        self.keeper.as_ref().is_some_and(|k| k.holder.is_some())
+    }
+
     fn on_signal(&mut self, sig: Signal) -> Option<End> {
+        if sig == Signal::SIGTERM && (self.terminating || self.keeper_holds()) {
+            // A mount pod being deleted (evicted, or deleted by hand): unmounting would
+            // fail every application using the mount. Serve on; baton-csi starts another
+            // mount pod, whose supervisor takes the mount over; if this process is killed
+            // first, the keeper holds the connection and that supervisor re-seeds it.
+            if !self.terminating {
+                self.terminating = true;
+                tracing::info!(
+                    "SIGTERM: the mount stays, serving until another supervisor takes it over (or the descriptor keeper keeps it)"
+                );
+            }
+            return None;
+        }
         if self.stopping.is_some() {
             tracing::warn!(signal = %sig, "already stopping");
             return None;

@@ -131,16 +131,18 @@ impl Drop for FakeKubelet {
             .procs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // SIGTERM all (a `baton mount` unmounts on it), then SIGKILL what is left.
+        // SIGTERM all, then SIGKILL what is left. A `baton mount` whose mount is held by a
+        // descriptor keeper serves on after SIGTERM (it waits for a successor): the test's
+        // driver detaches what is left mounted.
         for r in procs.values() {
             signal(&r.child, libc::SIGTERM);
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(2);
         for r in procs.values_mut() {
             while matches!(r.child.try_wait(), Ok(None)) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            kill_group(&r.child);
+            kill_container(&r.child);
             let _ = r.child.wait();
         }
         procs.clear();
@@ -154,12 +156,57 @@ fn signal(child: &Child, sig: i32) {
     }
 }
 
-/// SIGKILL to the child's whole process group (a container's teardown).
-fn kill_group(child: &Child) {
-    // SAFETY: the child leads its own process group (started with process_group(0)).
-    unsafe {
-        libc::kill(-(child.id() as i32), libc::SIGKILL);
+/// SIGKILL to every process of the container: the child's process group and all its
+/// descendants (a container's cgroup holds them all, whatever process group they chose;
+/// a `baton mount`'s clients run in their own).
+fn kill_container(child: &Child) {
+    let root = child.id() as i32;
+    // Twice: a process forked while the first round ran is caught by the second.
+    for _ in 0..2 {
+        for pid in descendants(root) {
+            // SAFETY: kill(2) has no memory effects; a pid that ended meanwhile is ESRCH.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        // SAFETY: the child leads its own process group (started with process_group(0)).
+        unsafe {
+            libc::kill(-root, libc::SIGKILL);
+        }
     }
+}
+
+/// `root` and every process descending from it, from /proc.
+fn descendants(root: i32) -> Vec<i32> {
+    let mut parent: HashMap<i32, i32> = HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: comm may hold spaces and parentheses.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if let Some(ppid) = ppid {
+            parent.insert(pid, ppid);
+        }
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parent.iter().filter(|(_, pp)| **pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
 }
 
 struct Kubelet {
@@ -436,7 +483,7 @@ impl Kubelet {
                 if live.contains(k) {
                     return true;
                 }
-                kill_group(&r.child);
+                kill_container(&r.child);
                 let _ = r.child.wait();
                 false
             });
@@ -471,7 +518,7 @@ impl Kubelet {
                             let exited = matches!(r.child.try_wait(), Ok(Some(_)));
                             if exited || since.elapsed() > Duration::from_secs(grace.max(0) as u64)
                             {
-                                kill_group(&r.child);
+                                kill_container(&r.child);
                                 let _ = r.child.wait();
                                 procs.remove(&k);
                                 true
