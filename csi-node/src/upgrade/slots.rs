@@ -67,16 +67,18 @@ fn takeable(o: &Observed, me: &str, now: DateTime<Utc>) -> bool {
 }
 
 /// The slot to take among `count` slots, given what was observed (slots absent from
-/// `observed` do not exist yet) and the slots that just gave a conflict (`skip`).
-/// Prefers the lowest takeable existing slot, then the lowest missing one.
+/// `observed` do not exist yet) and the slots that just gave a conflict (`skip`): the
+/// first takeable or missing one from slot `first` on (wrapping around). Nodes start
+/// from different slots ([`first_slot`]), so that waiters do not all race for slot 0.
 pub fn choose(
     observed: &[Observed],
     count: usize,
     me: &str,
     now: DateTime<Utc>,
     skip: &[usize],
+    first: usize,
 ) -> Decision {
-    for i in 0..count {
+    for i in (0..count).map(|k| (first + k) % count) {
         if skip.contains(&i) {
             continue;
         }
@@ -105,6 +107,14 @@ pub fn choose(
     Decision::Wait {
         retry_after: soonest.clamp(Duration::from_secs(1), Duration::from_secs(5)),
     }
+}
+
+/// Where node `holder` starts looking among `count` slots: a hash of its name.
+pub fn first_slot(holder: &str, count: usize) -> usize {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(holder.as_bytes());
+    let n = u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
+    usize::try_from(n % count.max(1) as u64).unwrap_or(0)
 }
 
 /// The index of a slot Lease from its name (`None` for anything else).
@@ -210,46 +220,57 @@ impl SlotPool {
                 .map_err(SlotError::List)?;
             let observed: Vec<Observed> = list.items.iter().filter_map(observe).collect();
             let now = Utc::now();
-            let (index, taken) = match choose(&observed, self.count, &self.holder, now, &skip) {
-                Decision::Wait { retry_after } => {
-                    skip.clear();
-                    tracing::debug!(?retry_after, "every upgrade slot is taken; waiting");
-                    tokio::time::sleep(retry_after).await;
-                    continue;
-                }
-                Decision::Create { index } => {
-                    let l = lease_of(
-                        slot_name(index),
-                        Some(&self.holder),
-                        self.lease_secs,
-                        now,
-                        None,
-                    );
-                    (index, api.create(&PostParams::default(), &l).await)
-                }
-                Decision::Take {
-                    index,
-                    resource_version,
-                } => {
-                    let prev = list
-                        .items
-                        .iter()
-                        .find(|l| l.metadata.name.as_deref() == Some(&slot_name(index)));
-                    let mut l = lease_of(
-                        slot_name(index),
-                        Some(&self.holder),
-                        self.lease_secs,
-                        now,
-                        prev,
-                    );
-                    l.metadata.resource_version = Some(resource_version);
-                    (
+            let first = first_slot(&self.holder, self.count);
+            let (index, taken) =
+                match choose(&observed, self.count, &self.holder, now, &skip, first) {
+                    Decision::Wait { retry_after } => {
+                        skip.clear();
+                        // Up to half a second more, so that the waiters do not all come back
+                        // at the same moment.
+                        let jitter = Duration::from_nanos(u64::from(
+                            std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .unwrap_or_default()
+                                .subsec_nanos()
+                                % 500_000_000,
+                        ));
+                        tracing::debug!(?retry_after, "every upgrade slot is taken; waiting");
+                        tokio::time::sleep(retry_after + jitter).await;
+                        continue;
+                    }
+                    Decision::Create { index } => {
+                        let l = lease_of(
+                            slot_name(index),
+                            Some(&self.holder),
+                            self.lease_secs,
+                            now,
+                            None,
+                        );
+                        (index, api.create(&PostParams::default(), &l).await)
+                    }
+                    Decision::Take {
                         index,
-                        api.replace(&slot_name(index), &PostParams::default(), &l)
-                            .await,
-                    )
-                }
-            };
+                        resource_version,
+                    } => {
+                        let prev = list
+                            .items
+                            .iter()
+                            .find(|l| l.metadata.name.as_deref() == Some(&slot_name(index)));
+                        let mut l = lease_of(
+                            slot_name(index),
+                            Some(&self.holder),
+                            self.lease_secs,
+                            now,
+                            prev,
+                        );
+                        l.metadata.resource_version = Some(resource_version);
+                        (
+                            index,
+                            api.replace(&slot_name(index), &PostParams::default(), &l)
+                                .await,
+                        )
+                    }
+                };
             match taken {
                 Ok(lease) => {
                     tracing::info!(slot = index, holder = %self.holder, "upgrade slot taken");
@@ -369,15 +390,15 @@ mod tests {
     #[test]
     fn a_missing_slot_is_created_and_a_free_one_taken() {
         assert_eq!(
-            choose(&[], 2, "n1", at(0), &[]),
+            choose(&[], 2, "n1", at(0), &[], 0),
             Decision::Create { index: 0 }
         );
         assert_eq!(
-            choose(&[held(0, "n2", 0)], 2, "n1", at(1), &[]),
+            choose(&[held(0, "n2", 0)], 2, "n1", at(1), &[], 0),
             Decision::Create { index: 1 }
         );
         assert_eq!(
-            choose(&[held(0, "n2", 0), free(1)], 2, "n1", at(1), &[]),
+            choose(&[held(0, "n2", 0), free(1)], 2, "n1", at(1), &[], 0),
             Decision::Take {
                 index: 1,
                 resource_version: "101".into()
@@ -389,20 +410,20 @@ mod tests {
     fn live_slots_make_us_wait_and_expired_ones_are_reclaimed() {
         let slots = [held(0, "n2", 0), held(1, "n3", 10)];
         assert_eq!(
-            choose(&slots, 2, "n1", at(29), &[]),
+            choose(&slots, 2, "n1", at(29), &[], 0),
             Decision::Wait {
                 retry_after: Duration::from_secs(1)
             }
         );
         assert_eq!(
-            choose(&slots, 2, "n1", at(20), &[]),
+            choose(&slots, 2, "n1", at(20), &[], 0),
             Decision::Wait {
                 retry_after: Duration::from_secs(5)
             }
         );
         // Slot 0 was last renewed at 0 for 30 s: expired at 30.
         assert_eq!(
-            choose(&slots, 2, "n1", at(30), &[]),
+            choose(&slots, 2, "n1", at(30), &[], 0),
             Decision::Take {
                 index: 0,
                 resource_version: "100".into()
@@ -410,26 +431,56 @@ mod tests {
         );
         // More slots than the limit are never used: slot 2 is not created.
         assert!(matches!(
-            choose(&slots, 2, "n1", at(5), &[]),
+            choose(&slots, 2, "n1", at(5), &[], 0),
             Decision::Wait { .. }
         ));
     }
 
     #[test]
+    fn nodes_start_from_their_own_slot_and_wrap_around() {
+        let all_free = [free(0), free(1), free(2)];
+        assert_eq!(
+            choose(&all_free, 3, "n1", at(0), &[], 2),
+            Decision::Take {
+                index: 2,
+                resource_version: "102".into()
+            }
+        );
+        assert_eq!(
+            choose(&all_free, 3, "n1", at(0), &[2], 2),
+            Decision::Take {
+                index: 0,
+                resource_version: "100".into()
+            }
+        );
+        assert_eq!(
+            choose(&[free(0)], 3, "n1", at(0), &[], 1),
+            Decision::Create { index: 1 }
+        );
+        // Node names spread over the slots.
+        let firsts: std::collections::BTreeSet<usize> = (0..50)
+            .map(|i| first_slot(&format!("node-{i}"), 10))
+            .collect();
+        assert!(firsts.len() >= 8, "{firsts:?}");
+        assert!(firsts.iter().all(|f| *f < 10));
+        assert_eq!(first_slot("x", 0), 0);
+    }
+
+    #[test]
     fn a_conflict_moves_on_to_the_next_slot_and_our_own_slot_is_ours() {
         assert_eq!(
-            choose(&[free(0), free(1)], 2, "n1", at(0), &[0]),
+            choose(&[free(0), free(1)], 2, "n1", at(0), &[0], 0),
             Decision::Take {
                 index: 1,
                 resource_version: "101".into()
             }
         );
         assert!(matches!(
-            choose(&[free(0), held(1, "n2", 0)], 2, "n1", at(0), &[0]),
+            choose(&[free(0), held(1, "n2", 0)], 2, "n1", at(0), &[0], 0),
             Decision::Wait { .. }
         ));
         assert_eq!(
-            choose(&[held(0, "n1", 0)], 1, "n1", at(1), &[]),
+            choose(&[held(0, "n1", 0)], 1, "n1", at(1), &[], 0),
             Decision::Take {
                 index: 0,
                 resource_version: "100".into()
