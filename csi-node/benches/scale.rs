@@ -42,7 +42,7 @@ use clap::Parser;
 use csi_node::kube::counting::{ApiCounts, CountingLayer};
 use csi_node::kube::mountpod::{LABEL_BACKEND, mount_pod_selector};
 use csi_node::rollout::{Action, Ended, Rollout};
-use csi_node::upgrade::handle::{event_about, node_summary};
+use csi_node::upgrade::handle::{NodeStatusMemo, event_about, node_summary};
 use csi_node::upgrade::request::{
     Phase, STATUS_ANNOTATION, UPGRADE_ANNOTATION, UpgradeRequest, UpgradeStatus,
 };
@@ -204,6 +204,7 @@ struct SimHandler {
     slots: Option<SlotPool>,
     upgrade: Duration,
     shared: Arc<Shared>,
+    node_written: NodeStatusMemo,
 }
 
 impl SimHandler {
@@ -252,16 +253,19 @@ impl SimHandler {
             .annotations
             .get(STATUS_ANNOTATION)
             .and_then(|s| UpgradeStatus::from_json(s));
-        if current.as_ref() == Some(&st) {
+        if current.as_ref() == Some(&st) || self.node_written.recently_written(&st) {
             return;
         }
         let patch = json!({"metadata": {"annotations": {STATUS_ANNOTATION: st.to_json()}}});
-        if let Err(e) = Api::<Node>::all(self.client.clone())
+        match Api::<Node>::all(self.client.clone())
             .patch(&seen.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            tracing::warn!(node = %seen.name, error = %e, "cannot write the node's upgrade status");
-            self.shared.failures.fetch_add(1, Ordering::Relaxed);
+            Ok(_) => self.node_written.written(&st),
+            Err(e) => {
+                tracing::warn!(node = %seen.name, error = %e, "cannot write the node's upgrade status");
+                self.shared.failures.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -747,6 +751,7 @@ async fn main() -> anyhow::Result<()> {
                 }),
                 upgrade: Duration::from_millis(args.upgrade_ms),
                 shared: shared.clone(),
+                node_written: NodeStatusMemo::default(),
             };
             agents.push(tokio::spawn(run_agent(client, cfg, handler, tx.clone())));
         }

@@ -392,6 +392,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     client: client.clone(),
                     config,
                 }),
+                node_written: Default::default(),
             };
             let cfg = WatchConfig {
                 namespace: args.namespace.clone(),

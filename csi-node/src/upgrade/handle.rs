@@ -54,6 +54,40 @@ pub struct Handler {
     pub slots: Option<SlotPool>,
     /// Pod upgrades (mount pod mode only).
     pub pods: Option<PodUpgrader>,
+    /// The Node status this handler wrote last, and when (see [`NodeStatusMemo`]).
+    pub node_written: NodeStatusMemo,
+}
+
+/// The last status a handler wrote on its Node. Watch events queued while an upgrade ran
+/// (and the periodic recheck) still carry the Node's annotations from before that write;
+/// without this, each would write the same status again. A write is skipped only for
+/// [`NodeStatusMemo::FOR`]: a status removed or changed by someone else is written again
+/// after that.
+#[derive(Clone, Debug, Default)]
+pub struct NodeStatusMemo(
+    std::sync::Arc<std::sync::Mutex<Option<(UpgradeStatus, std::time::Instant)>>>,
+);
+
+impl NodeStatusMemo {
+    pub const FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Whether `st` was written within [`Self::FOR`].
+    pub fn recently_written(&self, st: &UpgradeStatus) -> bool {
+        let last = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        last.as_ref()
+            .is_some_and(|(w, at)| w == st && at.elapsed() < Self::FOR)
+    }
+
+    pub fn written(&self, st: &UpgradeStatus) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((st.clone(), std::time::Instant::now()));
+    }
 }
 
 /// What an upgrade request asks of each mount.
@@ -180,7 +214,7 @@ impl Handler {
             .annotations
             .get(STATUS_ANNOTATION)
             .and_then(|s| UpgradeStatus::from_json(s));
-        if current.as_ref() == Some(&st) {
+        if current.as_ref() == Some(&st) || self.node_written.recently_written(&st) {
             return;
         }
         let patch = json!({"metadata": {"annotations": {STATUS_ANNOTATION: st.to_json()}}});
@@ -189,6 +223,7 @@ impl Handler {
             .await
         {
             Ok(_) => {
+                self.node_written.written(&st);
                 tracing::info!(node = %seen.name, phase = ?st.phase, "node upgrade status written")
             }
             Err(e) => {
@@ -516,6 +551,21 @@ mod tests {
         );
         let st = node_summary("binary:1", "node/n", &[]);
         assert_eq!(st.phase, Phase::Succeeded);
+    }
+
+    #[test]
+    fn a_node_status_just_written_is_not_written_again() {
+        let memo = NodeStatusMemo::default();
+        let a = UpgradeStatus::new(Phase::Succeeded, "binary:1", "node/n");
+        let b = UpgradeStatus::new(Phase::Failed, "binary:1", "node/n");
+        assert!(!memo.recently_written(&a));
+        memo.written(&a);
+        assert!(memo.recently_written(&a));
+        assert!(!memo.recently_written(&b));
+        // Clones share the memo (the handler is cloned into its task).
+        let clone = memo.clone();
+        clone.written(&b);
+        assert!(memo.recently_written(&b) && !memo.recently_written(&a));
     }
 
     #[test]
