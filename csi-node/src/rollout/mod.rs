@@ -10,9 +10,13 @@
 //! `--resume` continues it, `--status` prints it; the command can be killed and resumed
 //! from another machine.
 //!
-//! API cost: per poll, one `list` of the selected Nodes and one `get` of the ConfigMap;
-//! one `patch` per Node annotated and one `replace` of the ConfigMap per batch.
+//! API cost: one `list` of the selected Nodes, then one metadata-only watch of them
+//! ([`nodes::NodeWatch`]: only the Nodes that change come through, and the command acts
+//! as soon as they do); one `get` of the ConfigMap per poll (`--poll`, for a `--pause`
+//! from another command); one `patch` per Node annotated and one `replace` of the
+//! ConfigMap per batch.
 
+pub mod nodes;
 pub mod plan;
 
 use std::collections::BTreeMap;
@@ -26,6 +30,7 @@ use serde_json::json;
 use crate::upgrade::request::{
     STATUS_ANNOTATION, UPGRADE_ANNOTATION, UpgradeRequest, UpgradeStatus,
 };
+use nodes::NodeWatch;
 use plan::{NodeProgress, Outcome, RolloutState, Step};
 
 /// The ConfigMap that holds the rollout's state, in the driver's namespace.
@@ -191,6 +196,7 @@ impl<W: Write> Rollout<W> {
     /// Runs `action` to its end.
     pub async fn run(&mut self, action: Action) -> Result<Ended, RolloutError> {
         let stored = self.load().await?;
+        let mut watch = None;
         let (mut state, mut version) = match (action, stored) {
             (
                 Action::Start {
@@ -206,11 +212,11 @@ impl<W: Write> Rollout<W> {
                 {
                     return Err(RolloutError::InProgress(s.target.clone()));
                 }
-                let nodes: Vec<String> = self
-                    .observe(selector.as_deref(), &target)
-                    .await?
-                    .into_keys()
-                    .collect();
+                let w = NodeWatch::start(self.client.clone(), selector.as_deref())
+                    .await
+                    .map_err(RolloutError::ListNodes)?;
+                let nodes: Vec<String> = w.progress(&target).into_keys().collect();
+                watch = Some(w);
                 if nodes.is_empty() {
                     return Err(RolloutError::NoNodes);
                 }
@@ -259,11 +265,16 @@ impl<W: Write> Rollout<W> {
                 (state, version)
             }
         };
+        let mut nodes = match watch {
+            Some(w) => w,
+            None => NodeWatch::start(self.client.clone(), state.selector.as_deref())
+                .await
+                .map_err(RolloutError::ListNodes)?,
+        };
         let mut last_line = String::new();
+        let mut loaded = tokio::time::Instant::now();
         loop {
-            let seen = self
-                .observe(state.selector.as_deref(), &state.target)
-                .await?;
+            let seen = nodes.progress(&state.target);
             let line = format!("{}: {}", state.target, state.progress(&seen));
             if line != last_line {
                 self.say(&line);
@@ -306,7 +317,14 @@ impl<W: Write> Rollout<W> {
                     return Ok(Ended::Failed { node, reason });
                 }
             }
-            tokio::time::sleep(self.poll).await;
+            nodes
+                .follow(self.poll)
+                .await
+                .map_err(RolloutError::ListNodes)?;
+            if loaded.elapsed() < self.poll {
+                continue;
+            }
+            loaded = tokio::time::Instant::now();
             // Another command may have paused it: take its word (and its version).
             if let Some((stored, v)) = self.load().await? {
                 if stored.target != state.target || stored.annotated != state.annotated {
