@@ -410,6 +410,77 @@ fn processes_of(needle: &str) -> Vec<i32> {
     pids
 }
 
+/// A supervisor told to wait for a successor (`BATON_SIGTERM_WAIT`, as in a mount pod),
+/// whose mount the keeper holds, serves on after SIGTERM; when nobody takes the mount over
+/// within the wait, it flushes what the client buffered and unmounts, as without a keeper
+/// (a node shutting down must not lose written data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_serves_on_for_a_successor_then_flushes_and_unmounts() {
+    let d = Driver::start(DriverOptions {
+        env: vec![("BATON_SIGTERM_WAIT".into(), "3".into())],
+        ..Default::default()
+    });
+    d.wait_ready().await;
+    let mut node = d.node().await;
+    let secrets = embedded_secrets(d.dir.path());
+    let (t1, t2) = (d.target("w1"), d.target("w2"));
+    node.node_publish_volume(publish_req("vol-w", &t1, &secrets, None, false))
+        .await
+        .unwrap();
+    // Written, never synced: in the client's buffers.
+    let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+    std::fs::write(t1.join("unsynced.bin"), &data).unwrap();
+    let backend = d.backend_mounts()[0].display().to_string();
+    let out = std::process::Command::new(testkit::mount::baton_bin())
+        .args(["status", &backend, "--json"])
+        .env("BATON_HOME", d.state.join("home"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let supervisor = nix::unistd::Pid::from_raw(status["supervisor_pid"].as_i64().unwrap() as i32);
+    let started = std::time::Instant::now();
+    nix::sys::signal::kill(supervisor, nix::sys::signal::Signal::SIGTERM).unwrap();
+
+    // It serves on meanwhile.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(csi_node::sys::is_alive(&t1), "the mount died at SIGTERM");
+    assert_eq!(std::fs::read(t1.join("unsynced.bin")).unwrap(), data);
+    assert!(
+        handover_proto::keeper::process_runs(supervisor.as_raw() as u32),
+        "the supervisor exited at SIGTERM"
+    );
+    // Then it stops as without a keeper.
+    while handover_proto::keeper::process_runs(supervisor.as_raw() as u32) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the supervisor did not stop after the wait"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "the supervisor stopped {:?} after SIGTERM",
+        started.elapsed()
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_secs(3));
+    let logs = d.logs();
+    assert!(
+        logs.contains("SIGTERM: the mount stays")
+            && logs.contains("no supervisor took the mount over after SIGTERM"),
+        "{logs}"
+    );
+    // What was buffered reached the volume: a new mount reads it.
+    node.node_publish_volume(publish_req("vol-w", &t2, &secrets, None, false))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(t2.join("unsynced.bin")).unwrap(), data);
+    for t in [&t1, &t2] {
+        node.node_unpublish_volume(unpublish_req("vol-w", t))
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_backend_is_reported_and_mounted_afresh() {
     // The descriptor keeper holds a mount whose processes all died for a while, waiting

@@ -28,6 +28,12 @@ use crate::message::Adoption;
 /// Names the keeper's socket for a supervisor (set by whoever runs the keeper).
 pub const KEEPER_ENV: &str = "BATON_KEEPER";
 
+/// Seconds a supervisor whose mount the keeper holds serves on after SIGTERM, waiting for
+/// another supervisor to take the mount over, before it unmounts as usual (set by whoever
+/// starts a successor when a supervisor is stopped: baton-csi in mount pods). Unset or
+/// 0: SIGTERM unmounts at once.
+pub const SIGTERM_WAIT_ENV: &str = "BATON_SIGTERM_WAIT";
+
 /// Supervisor -> keeper.
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub enum ToKeeper {

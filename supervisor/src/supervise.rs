@@ -10,7 +10,8 @@
 //! check reply, write it to /dev/fuse, Serve   the mount serves; readiness is signalled
 //! upgrade::driver::Driver::run                 the event loop, upgrades and restarts:
 //!       SIGTERM/SIGINT/SIGHUP   -> (an upgrade rolls back first) lazy umount, Shutdown
-//!       SIGTERM, keeper holds it -> serve on until a take-over, an umount or SIGKILL
+//!       SIGTERM, keeper holds it -> serve on until a take-over or an umount, for at most
+//!                                  BATON_SIGTERM_WAIT seconds; then as above
 //!       `baton umount` (control) -> umount (busy: answer Busy, keep serving), Shutdown...
 //!       `baton upgrade`          -> live upgrade (upgrade::machine)
 //!       client's SessionEnded   -> (unmounted from outside) Shutdown, reap, exit 0

@@ -47,6 +47,11 @@ use crate::volume::{BackendId, BackendSpec};
 /// supervisor takes the mount over, then moves the client into its own pod).
 const REPLACEMENT_GRACE: Duration = Duration::from_secs(90);
 
+/// Seconds a mount pod's supervisor serves on after SIGTERM, waiting for its replacement
+/// to take the mount over (`BATON_SIGTERM_WAIT`), well within the pod's 60 s grace
+/// period, so that what it flushes and unmounts after that is done before the kill.
+pub const SIGTERM_WAIT_SECS: u64 = 30;
+
 /// Label: which backend a mount pod (and its Secret) serves.
 pub const LABEL_BACKEND: &str = "baton.dev/backend";
 /// Label: a hash of the node name (label values are limited to 63 characters).
@@ -179,6 +184,12 @@ fn backend_pod(
         env.push(
             json!({"name": handover_proto::keeper::KEEPER_ENV, "value": k.display().to_string()}),
         );
+        // A mount pod deleted while in use is replaced (crate::upgrade::evicted): its
+        // supervisor serves on until the replacement takes over, at most this long.
+        env.push(json!({
+            "name": handover_proto::keeper::SIGTERM_WAIT_ENV,
+            "value": SIGTERM_WAIT_SECS.to_string(),
+        }));
     }
     let mut pod = json!({
         "apiVersion": "v1",

@@ -186,6 +186,27 @@ struct Kept {
     checked: Instant,
 }
 
+/// After SIGTERM, how long a supervisor whose mount the keeper holds waits for another
+/// supervisor to take the mount over (`BATON_SIGTERM_WAIT`; baton-csi's replacement mount
+/// pod comes within a second or two) before it flushes and unmounts as without a keeper:
+/// the node may be shutting down, and data still buffered in the client must reach the
+/// object storage before the kill. `None`: SIGTERM unmounts at once.
+fn sigterm_wait() -> Option<Duration> {
+    let v = std::env::var(handover_proto::keeper::SIGTERM_WAIT_ENV).ok()?;
+    match v.trim().parse::<u64>() {
+        Ok(0) => None,
+        Ok(secs) => Some(Duration::from_secs(secs)),
+        Err(_) => {
+            tracing::warn!(
+                value = %v,
+                "{} is not a number of seconds: SIGTERM unmounts at once",
+                handover_proto::keeper::SIGTERM_WAIT_ENV
+            );
+            None
+        }
+    }
+}
+
 /// How often the supervisor checks that the keeper holding its mount is still the same.
 const KEEPER_CHECK: Duration = Duration::from_secs(10);
 
@@ -209,8 +230,11 @@ pub struct Driver {
     /// The descriptor keeper (`BATON_KEEPER`) and what it holds of this mount.
     keeper: Option<Kept>,
     /// SIGTERM arrived while the keeper holds the mount: serving on until another
-    /// supervisor takes the mount over, it is unmounted, or this process is killed.
-    terminating: bool,
+    /// supervisor takes the mount over, it is unmounted, or this deadline; then it stops
+    /// as on any SIGTERM.
+    terminating: Option<Instant>,
+    /// [`sigterm_wait`], read once.
+    sigterm_wait: Option<Duration>,
     init_request: Vec<u8>,
     init_reply: Vec<u8>,
 }
@@ -283,7 +307,8 @@ impl Driver {
                 holder: None,
                 checked: Instant::now(),
             }),
-            terminating: false,
+            terminating: None,
+            sigterm_wait: sigterm_wait(),
             init_request,
             init_reply,
         }
@@ -464,6 +489,15 @@ impl Driver {
         let end = loop {
             self.publish();
             self.deposit();
+            if self.terminating.is_some_and(|d| Instant::now() >= d) && self.stopping.is_none() {
+                tracing::warn!(
+                    wait = ?self.sigterm_wait,
+                    "no supervisor took the mount over after SIGTERM: stopping as without a keeper"
+                );
+                if let Some(end) = self.stop_on(Signal::SIGTERM) {
+                    break end;
+                }
+            }
             if let Some((sig, deadline)) = self.stopping {
                 let idle = matches!(self.machine.phase(), PhaseKind::Idle | PhaseKind::Ended);
                 if idle || Instant::now() >= deadline {
@@ -494,6 +528,12 @@ impl Driver {
         }
         if self.keeper.is_some() {
             deadline = Some(deadline.map_or(KEEPER_CHECK, |x| x.min(KEEPER_CHECK)));
+        }
+        if let Some(d) = self.terminating
+            && self.stopping.is_none()
+        {
+            let left = d.saturating_duration_since(Instant::now());
+            deadline = Some(deadline.map_or(left, |x| x.min(left)));
         }
         // Round up: waking before the deadline would only spin.
         let timeout = match deadline {
@@ -601,19 +641,29 @@ impl Driver {
     }
 
     fn on_signal(&mut self, sig: Signal) -> Option<End> {
-        if sig == Signal::SIGTERM && (self.terminating || self.keeper_holds()) {
+        if let Some(wait) = self.sigterm_wait
+            && sig == Signal::SIGTERM
+            && self.stopping.is_none()
+            && (self.terminating.is_some() || self.keeper_holds())
+        {
             // A mount pod being deleted (evicted, or deleted by hand): unmounting would
             // fail every application using the mount. Serve on; baton-csi starts another
             // mount pod, whose supervisor takes the mount over; if this process is killed
             // first, the keeper holds the connection and that supervisor re-seeds it.
-            if !self.terminating {
-                self.terminating = true;
+            if self.terminating.is_none() {
+                self.terminating = Some(Instant::now() + wait);
                 tracing::info!(
+                    ?wait,
                     "SIGTERM: the mount stays, serving until another supervisor takes it over (or the descriptor keeper keeps it)"
                 );
             }
             return None;
         }
+        self.stop_on(sig)
+    }
+
+    /// Stops on `sig`: at once, or once the upgrade in progress has rolled back.
+    fn stop_on(&mut self, sig: Signal) -> Option<End> {
         if self.stopping.is_some() {
             tracing::warn!(signal = %sig, "already stopping");
             return None;
