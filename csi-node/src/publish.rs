@@ -424,6 +424,11 @@ impl Publisher {
         let Some(mut record) = read_record::<BackendRecord>(&record_path).ok().flatten() else {
             return Ok(Served::NotOurs);
         };
+        // A backend mounted in another mode (the node was switched to mount pods) keeps
+        // its server.
+        if record.mode != self.mounter.mode() {
+            return Ok(Served::NotOurs);
+        }
         let mp = self.layout.backend_mountpoint(id);
         let table = read_table()?;
         let Some(e) = table.at(&mp).filter(|e| e.is_baton()) else {

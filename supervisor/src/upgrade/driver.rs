@@ -9,7 +9,8 @@
 //!   control request   -> Status | Upgrade (-> handle_request; answered by Report)
 //!                        | Umount (refused during an upgrade)
 //!   signal            -> cancel the upgrade (rolls back before the commit), then stop;
-//!                        SIGTERM while the descriptor keeper holds the mount: serve on
+//!                        SIGTERM while the descriptor keeper holds the mount and
+//!                        BATON_SIGTERM_WAIT is set: serve on for a successor, that long
 //!   deadline          -> handle_timeout
 //!   after each: every machine action, in order:
 //!     Spawn -> start the binary, send Start      Send -> queue (fd attached for Init)
