@@ -291,9 +291,23 @@ impl SimHandler {
     async fn upgrade_all(&mut self, seen: &Seen, source: &str, value: &str, ids: &[usize]) {
         let mut outcomes = Vec::new();
         for &i in ids {
-            let slot = match &self.slots {
+            // `Handler::take_slot`: `pending` when every slot is busy, then wait.
+            let taken = match self.slots.clone() {
                 None => None,
-                Some(pool) => match pool.acquire().await {
+                Some(pool) => Some(match pool.try_take().await {
+                    Ok(Ok(s)) => Ok(s),
+                    Ok(Err(retry_after)) => {
+                        self.set_status(i, UpgradeStatus::new(Phase::Pending, value, source))
+                            .await;
+                        tokio::time::sleep(retry_after).await;
+                        pool.acquire().await
+                    }
+                    Err(e) => Err(e),
+                }),
+            };
+            let slot = match taken {
+                None => None,
+                Some(taken) => match taken {
                     Ok(s) => Some(s),
                     Err(e) => {
                         tracing::warn!(error = %csi_node::error::chain(&e), "no upgrade slot");

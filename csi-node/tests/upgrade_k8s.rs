@@ -163,6 +163,20 @@ fn pv(name: &str, handle: &str) -> PersistentVolume {
     .unwrap()
 }
 
+/// The client binaries of baton-csi's image (under `clients/`): version [`VERSION`] is
+/// this build's baton-fs.
+fn client_images() -> tempfile::TempDir {
+    let images = tempfile::tempdir().unwrap();
+    let client_dir = images.path().join("clients").join(VERSION);
+    std::fs::create_dir_all(&client_dir).unwrap();
+    std::fs::copy(
+        baton_bin().with_file_name("baton-fs"),
+        client_dir.join("baton-fs"),
+    )
+    .unwrap();
+    images
+}
+
 /// A kube-apiserver with the chart applied, node-a, and PersistentVolumes pv-one and
 /// pv-two; returns the cluster, an admin client and baton-csi's service account.
 async fn cluster_with_node_a() -> (KubeCluster, kube::Client, User) {
@@ -271,15 +285,7 @@ async fn annotations_upgrade_the_right_mounts_through_a_real_api_server() {
     let nodes: Api<Node> = Api::all(admin.clone());
     let pvs: Api<PersistentVolume> = Api::all(admin.clone());
 
-    // The image's client binaries: version 0.2.0 is this build's baton-fs.
-    let images = tempfile::tempdir().unwrap();
-    let client_dir = images.path().join("clients").join(VERSION);
-    std::fs::create_dir_all(&client_dir).unwrap();
-    std::fs::copy(
-        baton_bin().with_file_name("baton-fs"),
-        client_dir.join("baton-fs"),
-    )
-    .unwrap();
+    let images = client_images();
     let counts_file = images.path().join("api-requests.json");
 
     let (mut d, _kubelet) = start_node_a(
@@ -1027,6 +1033,90 @@ async fn a_deleted_mount_pod_is_replaced_without_an_application_error() {
     app.goes_on(at_delete).await;
     let n = app.finish();
     eprintln!("{n} records appended");
+    unpublish_all(&mut node, &pods, &[("handle-one", &t1)]).await;
+    drop(d);
+}
+
+/// With every upgrade slot busy, a mount's upgrade says `pending` on its mount pod and
+/// waits; once a slot is free it goes on and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mount_waiting_for_an_upgrade_slot_is_pending() {
+    use csi_node::upgrade::slots::{SLOT_LABEL, slot_name};
+    use k8s_openapi::api::coordination::v1::Lease;
+    let (cluster, admin, sa) = cluster_with_node_a().await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), NS);
+    // The only slot, held (and just renewed) by another node.
+    let now = k8s_openapi::chrono::Utc::now()
+        .to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Micros, true);
+    let held: Lease = serde_json::from_value(json!({
+        "metadata": {"name": slot_name(0), "labels": {SLOT_LABEL: "true"}},
+        "spec": {"holderIdentity": "node-z", "leaseDurationSeconds": 30,
+                 "acquireTime": now, "renewTime": now},
+    }))
+    .unwrap();
+    leases.create(&PostParams::default(), &held).await.unwrap();
+    let images = client_images();
+    let (d, _kubelet) = start_node_a(
+        &cluster,
+        &sa,
+        vec![
+            "--client-binaries-dir".into(),
+            images.path().join("clients").display().to_string(),
+            "--upgrade-slots".into(),
+            "1".into(),
+        ],
+        HashMap::new(),
+    )
+    .await;
+    let mut node = d.node().await;
+    let t1 = kubelet_target(&d, "uid-1", "pv-one");
+    let s1 = embedded_secrets(&d.dir.path().join("v1"));
+    node.node_publish_volume(publish_req("handle-one", &t1, &s1, None, false))
+        .await
+        .unwrap();
+    let mp = d.backend_mounts().pop().unwrap().display().to_string();
+    let pod = pods_of(&pods, &mp).await[0].metadata.name.clone().unwrap();
+    let request = format!("binary:{VERSION}");
+    annotate(&pods, &pod, &request).await;
+
+    let status = |p: Pod| {
+        p.metadata
+            .annotations
+            .and_then(|a| a.get(STATUS_ANNOTATION).cloned())
+            .and_then(|s| UpgradeStatus::from_json(&s))
+    };
+    let (pods2, pod2, request2) = (pods.clone(), pod.clone(), request.clone());
+    wait_until("the upgrade is pending", Duration::from_secs(30), || {
+        let (pods, pod, request) = (pods2.clone(), pod2.clone(), request2.clone());
+        async move {
+            status(pods.get(&pod).await.unwrap())
+                .is_some_and(|s| s.phase == Phase::Pending && s.request == request)
+        }
+    })
+    .await;
+    let before = generation(&d, &mp);
+    // Still waiting a moment later: the slot is live.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let st = status(pods.get(&pod).await.unwrap()).unwrap();
+    assert_eq!(st.phase, Phase::Pending, "{st:?}");
+    assert_eq!(generation(&d, &mp), before);
+
+    // The other node frees the slot: the upgrade goes on.
+    let free = json!({"spec": {"holderIdentity": null}});
+    leases
+        .patch(&slot_name(0), &PatchParams::default(), &Patch::Merge(&free))
+        .await
+        .unwrap();
+    let st = final_status(&pods, &pod, &request).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{st:?}");
+    assert_eq!(generation(&d, &mp), before + 1);
+    let lease = leases.get(&slot_name(0)).await.unwrap();
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity),
+        None,
+        "the slot is freed after the upgrade"
+    );
     unpublish_all(&mut node, &pods, &[("handle-one", &t1)]).await;
     drop(d);
 }

@@ -278,7 +278,7 @@ impl Handler {
             let mp = self.layout.backend_mountpoint(id);
             let slot = match &self.slots {
                 None => None,
-                Some(pool) => match pool.acquire().await {
+                Some(pool) => match self.take_slot(pool, id, value, source).await {
                     Ok(s) => Some(s),
                     Err(e) => {
                         let reason = crate::error::chain(&e);
@@ -350,6 +350,27 @@ impl Handler {
         };
         let message = format!("{value} on node {}: {}", self.node_name, summary.join("; "));
         self.event(seen, kind, reason, &message).await;
+    }
+
+    /// Takes an upgrade slot for `id`'s upgrade; if every slot is busy, says so first
+    /// (status `pending`, one patch) and waits for one.
+    async fn take_slot(
+        &self,
+        pool: &SlotPool,
+        id: &BackendId,
+        value: &str,
+        source: &str,
+    ) -> Result<super::slots::Slot, super::slots::SlotError> {
+        match pool.try_take().await? {
+            Ok(slot) => Ok(slot),
+            Err(retry_after) => {
+                tracing::info!(backend = %id, "every upgrade slot is busy: pending");
+                self.set_status(id, UpgradeStatus::new(Phase::Pending, value, source))
+                    .await;
+                tokio::time::sleep(retry_after).await;
+                pool.acquire().await
+            }
+        }
     }
 
     /// A pod upgrade of one mount. The `running` status goes into the new pod as it is

@@ -211,6 +211,29 @@ impl SlotPool {
 
     /// Waits for a slot and takes it.
     pub async fn acquire(&self) -> Result<Slot, SlotError> {
+        loop {
+            match self.try_take().await? {
+                Ok(slot) => return Ok(slot),
+                Err(retry_after) => {
+                    // Up to half a second more, so that the waiters do not all come back
+                    // at the same moment.
+                    let jitter = Duration::from_nanos(u64::from(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .subsec_nanos()
+                            % 500_000_000,
+                    ));
+                    tracing::debug!(?retry_after, "every upgrade slot is taken; waiting");
+                    tokio::time::sleep(retry_after + jitter).await;
+                }
+            }
+        }
+    }
+
+    /// One round: takes a free slot (trying the next one after each conflict) or, when
+    /// every slot is live, says how long to wait before the next round.
+    pub async fn try_take(&self) -> Result<Result<Slot, Duration>, SlotError> {
         let api = self.api();
         let mut skip = Vec::new();
         loop {
@@ -223,21 +246,7 @@ impl SlotPool {
             let first = first_slot(&self.holder, self.count);
             let (index, taken) =
                 match choose(&observed, self.count, &self.holder, now, &skip, first) {
-                    Decision::Wait { retry_after } => {
-                        skip.clear();
-                        // Up to half a second more, so that the waiters do not all come back
-                        // at the same moment.
-                        let jitter = Duration::from_nanos(u64::from(
-                            std::time::SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .unwrap_or_default()
-                                .subsec_nanos()
-                                % 500_000_000,
-                        ));
-                        tracing::debug!(?retry_after, "every upgrade slot is taken; waiting");
-                        tokio::time::sleep(retry_after + jitter).await;
-                        continue;
-                    }
+                    Decision::Wait { retry_after } => return Ok(Err(retry_after)),
                     Decision::Create { index } => {
                         let l = lease_of(
                             slot_name(index),
@@ -274,7 +283,7 @@ impl SlotPool {
             match taken {
                 Ok(lease) => {
                     tracing::info!(slot = index, holder = %self.holder, "upgrade slot taken");
-                    return Ok(self.hold(index, lease));
+                    return Ok(Ok(self.hold(index, lease)));
                 }
                 // Someone else took it first (409 conflict, or it already exists).
                 Err(kube::Error::Api(e)) if e.code == 409 => skip.push(index),
