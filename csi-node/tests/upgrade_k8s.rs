@@ -761,6 +761,7 @@ async fn a_mount_pod_killed_whole_is_reseeded_from_the_keeper() {
         app,
         _kubelet,
         _cluster,
+        admin: _,
     } = OneMount::start().await;
     let logs = || d.logs();
     // The supervisor deposits the mount once its client serves.
@@ -806,6 +807,7 @@ struct OneMount {
     node: NodeClient<tonic::transport::Channel>,
     _kubelet: FakeKubelet,
     d: Driver,
+    admin: kube::Client,
     pods: Api<Pod>,
     target: PathBuf,
     /// The backend's mountpoint.
@@ -831,6 +833,7 @@ impl OneMount {
             node,
             _kubelet: kubelet,
             d,
+            admin,
             pods,
             target,
             mp,
@@ -944,6 +947,7 @@ async fn served_by_another(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deleted_mount_pod_is_replaced_without_an_application_error() {
     let OneMount {
+        admin,
         pods,
         d,
         mut node,
@@ -976,6 +980,11 @@ async fn a_deleted_mount_pod_is_replaced_without_an_application_error() {
     wait_one_pod(&pods, &mp, "the deleted mount pod ends").await;
     let second = only_pod().await;
     assert_ne!(second, first);
+    let ev = wait_event(&admin, NS, &second, "MountPodReplaced").await;
+    assert!(
+        ev.message.as_deref().is_some_and(|m| m.contains(&first)),
+        "{ev:?}"
+    );
     app.goes_on(at_delete).await;
     let old_log = d
         .dir
@@ -1020,6 +1029,7 @@ async fn a_deleted_mount_pod_is_replaced_without_an_application_error() {
     wait_one_pod(&pods, &mp, "one mount pod").await;
     let third = only_pod().await;
     assert!(third != second && third != first);
+    wait_event(&admin, NS, &third, "MountPodReplaced").await;
     let new_log = d
         .dir
         .path()

@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{Event, Node, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -40,7 +40,9 @@ use crate::mounter::process::unmount_backend;
 use crate::mounter::{MountError, Mounter};
 use crate::mountinfo::MountTable;
 use crate::upgrade::executor::{Executor, MountState};
+use crate::upgrade::handle::event_about;
 use crate::upgrade::pod::successor_pod;
+use crate::upgrade::watch::{Kind, Seen};
 use crate::volume::{BackendId, BackendSpec};
 
 /// Beyond the mount timeout, how long a replacement mount pod may take to serve (its
@@ -482,7 +484,8 @@ impl PodMounter {
                 successor_pod(&first, &name, &image, None)
             }
         };
-        self.pods()
+        let created = self
+            .pods()
             .create(&PostParams::default(), &pod)
             .await
             .map_err(kube_err)?;
@@ -491,15 +494,31 @@ impl PodMounter {
             .filter_map(|p| p.metadata.name.as_deref())
             .collect();
         tracing::warn!(backend = %id, pod = %name, ?replaced, "every mount pod of a mounted backend is being deleted: a new one takes the mount over");
+        let replaced = if replaced.is_empty() {
+            "its mount pod (deleted without a grace period)".to_string()
+        } else {
+            format!("mount pod {}", replaced.join(", "))
+        };
         match self
             .wait_served_by_another(&executor, &name, mountpoint, before.as_ref())
             .await
         {
             Ok(()) => {
                 tracing::info!(backend = %id, pod = %name, "the new mount pod serves the mount");
+                let message = format!(
+                    "{replaced} was deleted while the mount was in use; {name} took the mount over"
+                );
+                self.event(&created, "Normal", "MountPodReplaced", &message)
+                    .await;
                 Ok(Some(format!("{}/{name}", self.config.namespace)))
             }
             Err(e) => {
+                let message = format!(
+                    "{replaced} was deleted while the mount was in use; {name} did not take the mount over: {}",
+                    crate::error::chain(&e)
+                );
+                self.event(&created, "Warning", "MountPodReplacementFailed", &message)
+                    .await;
                 let dp = DeleteParams {
                     grace_period_seconds: Some(0),
                     ..DeleteParams::default()
@@ -509,6 +528,31 @@ impl PodMounter {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Posts an Event about mount pod `pod` (failures are logged).
+    async fn event(&self, pod: &Pod, kind: &str, reason: &str, message: &str) {
+        let seen = Seen {
+            kind: Kind::Pod,
+            namespace: Some(self.config.namespace.clone()),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            exists: true,
+            deleting: false,
+        };
+        let posted = match event_about(&seen, kind, reason, message, &self.config.node_name) {
+            Ok((ns, ev)) => Api::<Event>::namespaced(self.client.clone(), &ns)
+                .create(&PostParams::default(), &ev)
+                .await
+                .map(drop)
+                .map_err(|e| crate::error::chain(&e)),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = posted {
+            tracing::warn!(error = %e, reason, "cannot post an Event");
         }
     }
 
