@@ -49,13 +49,29 @@ fn kubelet_target(d: &Driver, pod_uid: &str, pv: &str) -> PathBuf {
 
 /// `baton status --json` of `mountpoint`.
 fn mount_status(d: &Driver, mountpoint: &str) -> serde_json::Value {
+    try_mount_status(d, mountpoint).unwrap_or_else(|out| panic!("{out:?}"))
+}
+
+/// `baton status --json` of `mountpoint`, or its output if no supervisor answered.
+fn try_mount_status(
+    d: &Driver,
+    mountpoint: &str,
+) -> Result<serde_json::Value, std::process::Output> {
     let out = std::process::Command::new(baton_bin())
         .args(["status", mountpoint, "--json"])
         .env("BATON_HOME", d.state.join("home"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
+    if !out.status.success() {
+        return Err(out);
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// What the fake kubelet logged of mount pod `pod`'s processes.
+fn pod_log(d: &Driver, pod: &str) -> String {
+    let path = d.dir.path().join("kubelet").join(format!("{NS}_{pod}.log"));
+    std::fs::read_to_string(path).unwrap_or_default()
 }
 
 /// The generation serving `mountpoint`.
@@ -918,16 +934,11 @@ async fn served_by_another(
 ) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let out = std::process::Command::new(baton_bin())
-            .args(["status", mp, "--json"])
-            .env("BATON_HOME", d.state.join("home"))
-            .output()
-            .unwrap();
-        if out.status.success() {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            if v["supervisor_pid"] != before["supervisor_pid"] && v["state"] == "serving" {
-                return v;
-            }
+        if let Ok(v) = try_mount_status(d, mp)
+            && v["supervisor_pid"] != before["supervisor_pid"]
+            && v["state"] == "serving"
+        {
+            return v;
         }
         assert!(
             Instant::now() < deadline,
@@ -986,12 +997,7 @@ async fn a_deleted_mount_pod_is_replaced_without_an_application_error() {
         "{ev:?}"
     );
     app.goes_on(at_delete).await;
-    let old_log = d
-        .dir
-        .path()
-        .join("kubelet")
-        .join(format!("{NS}_{first}.log"));
-    let old_log = std::fs::read_to_string(&old_log).unwrap_or_default();
+    let old_log = pod_log(&d, &first);
     assert!(
         old_log.contains("SIGTERM: the mount stays"),
         "the old supervisor did not serve on after SIGTERM:\n{old_log}"
@@ -1030,12 +1036,7 @@ async fn a_deleted_mount_pod_is_replaced_without_an_application_error() {
     let third = only_pod().await;
     assert!(third != second && third != first);
     wait_event(&admin, NS, &third, "MountPodReplaced").await;
-    let new_log = d
-        .dir
-        .path()
-        .join("kubelet")
-        .join(format!("{NS}_{third}.log"));
-    let new_log = std::fs::read_to_string(&new_log).unwrap_or_default();
+    let new_log = pod_log(&d, &third);
     assert!(
         new_log.contains("re-seeding the mount from the descriptor keeper"),
         "the replacement did not re-seed from the keeper:\n{new_log}"

@@ -24,12 +24,10 @@ use std::io::Write;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use crate::upgrade::request::{
-    STATUS_ANNOTATION, UPGRADE_ANNOTATION, UpgradeRequest, UpgradeStatus,
-};
+use crate::upgrade::request::{UPGRADE_ANNOTATION, UpgradeRequest};
 use nodes::NodeWatch;
 use plan::{NodeProgress, Outcome, RolloutState, Step};
 
@@ -156,37 +154,6 @@ impl<W: Write> Rollout<W> {
         }
     }
 
-    /// The selected nodes and their progress towards `target`.
-    async fn observe(
-        &self,
-        selector: Option<&str>,
-        target: &str,
-    ) -> Result<BTreeMap<String, NodeProgress>, RolloutError> {
-        let mut lp = ListParams::default();
-        if let Some(s) = selector {
-            lp = lp.labels(s);
-        }
-        let nodes = Api::<Node>::all(self.client.clone())
-            .list_metadata(&lp)
-            .await
-            .map_err(RolloutError::ListNodes)?;
-        Ok(nodes
-            .items
-            .iter()
-            .filter_map(|n| {
-                let name = n.metadata.name.clone()?;
-                let st = n
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(STATUS_ANNOTATION))
-                    .and_then(|s| UpgradeStatus::from_json(s));
-                let p = NodeProgress::of(&name, target, st.as_ref());
-                Some((name, p))
-            })
-            .collect())
-    }
-
     fn say(&mut self, line: &str) {
         // Progress output is best effort (a closed stdout must not stop the rollout).
         let _ = writeln!(self.out, "{line}");
@@ -234,9 +201,10 @@ impl<W: Write> Rollout<W> {
             }
             (_, None) => return Err(RolloutError::NoRollout),
             (Action::Status, Some((state, _))) => {
-                let seen = self
-                    .observe(state.selector.as_deref(), &state.target)
-                    .await?;
+                let seen = NodeWatch::start(self.client.clone(), state.selector.as_deref())
+                    .await
+                    .map_err(RolloutError::ListNodes)?
+                    .progress(&state.target);
                 self.print_status(&state, &seen);
                 return Ok(match state.step(&seen) {
                     Step::Succeeded => Ended::Succeeded,
