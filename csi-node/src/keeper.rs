@@ -1,10 +1,12 @@
 //! The descriptor keeper ([`handover_proto::keeper`]): baton-csi holds a duplicate of every
-//! backend's FUSE connection and write journal, deposited by the backend's supervisor.
+//! backend's FUSE connection, write journal and request log, deposited by the backend's
+//! supervisor.
 //! While baton-csi holds them, the kernel does not abort a mount whose supervisor and
 //! client both died (a mount pod OOM-killed): applications wait instead of getting
 //! ENOTCONN, and the next `baton mount` of that backend (the restarted mount pod, or a
 //! new one) withdraws them and restarts a client on the same connection, with the
-//! journal's acknowledged writes, as after a client crash.
+//! journal's acknowledged writes, as after a client crash — and, on kernels without
+//! FUSE_NOTIFY_RESEND, answers from the request log what the dead client had read.
 //!
 //! The socket is `<state>/run/keeper.sock` (0600 in a 0700 directory, `SOCK_SEQPACKET`,
 //! peers must be root), named to supervisors by `BATON_KEEPER`. A deposit is refused
@@ -80,6 +82,9 @@ struct Deposit {
     adoption: Adoption,
     fuse: OwnedFd,
     journal: Option<OwnedFd>,
+    /// The mount's request log (`ToKeeper::DepositRequestLog`): the same memfd for the
+    /// life of the mount, so a later deposit of the mount keeps it.
+    request_log: Option<OwnedFd>,
     /// Since when its client (`adoption.pid`) is known dead.
     orphaned: Option<std::time::Instant>,
 }
@@ -248,15 +253,19 @@ impl Keeper {
                             supervisor = cred.pid(),
                             "descriptor keeper: deposit kept"
                         );
-                        self.lock().insert(
+                        let mut deposits = self.lock();
+                        let request_log = deposits.remove(&mountpoint).and_then(|d| d.request_log);
+                        deposits.insert(
                             mountpoint,
                             Deposit {
                                 adoption: *adoption,
                                 fuse,
                                 journal,
+                                request_log,
                                 orphaned: None,
                             },
                         );
+                        drop(deposits);
                         reply(&FromKeeper::Kept, &[])
                     }
                     (reason, _) => {
@@ -286,6 +295,49 @@ impl Keeper {
                         );
                         reply(&FromKeeper::Deposited(Box::new(adoption)), &fds)
                     }
+                    None => reply(&FromKeeper::Nothing, &[]),
+                }
+            }
+            ToKeeper::DepositRequestLog { mountpoint } => {
+                let refusal = match fds.pop() {
+                    None => Err("no request log descriptor".to_string()),
+                    Some(log) => match handover_proto::reqlog::read_header(log.as_fd()) {
+                        Err(e) => Err(format!(
+                            "the descriptor holds no request log: {}",
+                            crate::error::chain(&e)
+                        )),
+                        Ok(_) => match self.lock().get_mut(&mountpoint) {
+                            Some(d) => {
+                                d.request_log = Some(log);
+                                Ok(())
+                            }
+                            None => Err(format!("nothing is kept for {}", mountpoint.display())),
+                        },
+                    },
+                };
+                match refusal {
+                    Ok(()) => {
+                        tracing::info!(mountpoint = %mountpoint.display(), "descriptor keeper: request log kept");
+                        reply(&FromKeeper::Kept, &[])
+                    }
+                    Err(reason) => {
+                        reply(
+                            &FromKeeper::Refused {
+                                reason: reason.clone(),
+                            },
+                            &[],
+                        )?;
+                        Err(reason)
+                    }
+                }
+            }
+            ToKeeper::WithdrawRequestLog { mountpoint } => {
+                let deposits = self.lock();
+                match deposits
+                    .get(&mountpoint)
+                    .and_then(|d| d.request_log.as_ref())
+                {
+                    Some(log) => reply(&FromKeeper::RequestLog, &[log.as_fd()]),
                     None => reply(&FromKeeper::Nothing, &[]),
                 }
             }

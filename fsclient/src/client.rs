@@ -39,7 +39,9 @@ use nix::sys::stat::{SFlag, fstat};
 use crate::fuse::adapter::BatonFs;
 use crate::fuse::park::{Gate, Phase};
 use crate::fuse::probe::KernelInodes;
+use crate::fuse::recover;
 use crate::fuse::relay::{self, RelayError};
+use crate::fuse::reqlog::RequestLog;
 use crate::handover::{self, Connection, Freezer, ImportError};
 use crate::meta::SessionId;
 use crate::vfs::{OpenError, Vfs, VfsConfig};
@@ -80,6 +82,7 @@ impl Default for BuildInfo {
                 capability::PARK_RESEND,
                 capability::DRAIN,
                 capability::TAKEOVER,
+                capability::REQUEST_LOG,
             ]
             .map(String::from)
             .to_vec(),
@@ -363,6 +366,7 @@ pub fn run(channel: OwnedFd, build: &BuildInfo) -> Result<(), ClientError> {
         closed: None,
         fuse: None,
         journal: journal_keep,
+        request_log: None,
     };
     let result = journaled
         .map_err(|e| fail(sock, e))
@@ -406,6 +410,9 @@ struct Client {
     /// journal, for a supervisor that adopts it.
     fuse: Option<Arc<OwnedFd>>,
     journal: Option<Arc<OwnedFd>>,
+    /// The mount's request log (`ToClient::RequestLog`), and a descriptor of it kept for a
+    /// supervisor that adopts this client.
+    request_log: Option<(Option<(RequestLog, Vec<u32>)>, Arc<OwnedFd>)>,
 }
 
 impl Client {
@@ -498,6 +505,10 @@ impl Client {
                         ));
                     }
                 },
+                ToClient::RequestLog if self.request_log.is_none() => match fds.pop() {
+                    Some(fd) => self.attach_request_log(fd),
+                    None => tracing::warn!("RequestLog came without its descriptor"),
+                },
                 ToClient::Shutdown => return self.shutdown_early(),
                 other => {
                     return Err(fail(
@@ -539,6 +550,7 @@ impl Client {
 
         let gate = Gate::new(self.spec.threads.max(1) as usize);
         let fs = BatonFs::new(self.vfs.clone(), gate.clone());
+        let recovery_fs = fs.for_recovery();
         let handshaken = relay::handshake(fs, &request, self.spec.threads as usize)
             .map_err(|e| fail(sock, ClientError::Relay(e)))?;
         let conn = Connection {
@@ -575,12 +587,13 @@ impl Client {
         let session = handshaken
             .attach(fuse.as_fd())
             .map_err(|e| fail(sock, ClientError::Relay(e)))?;
+        let fuse = Arc::new(fuse);
         // After a crash: free the inherited unlinked files the kernel no longer has.
         let probe = self
             .vfs
             .has_unknown_handles()
             .then(|| KernelInodes::new(fuse.as_fd()));
-        self.fuse = Some(Arc::new(fuse));
+        self.fuse = Some(fuse.clone());
         self.served = true;
         match probe {
             Some(Ok(probe)) => {
@@ -604,14 +617,60 @@ impl Client {
         let (tx, rx) = mpsc::channel::<Event>();
         let session_tx = tx.clone();
         let span = tracing::Span::current();
-        std::thread::Builder::new()
-            .name("fuse-session".into())
-            .spawn(move || {
-                let _entered = span.enter();
-                let r = session.run();
-                let _ = session_tx.send(Event::SessionEnded(r));
-            })
-            .map_err(ClientError::Spawn)?;
+        let run_session = move || {
+            std::thread::Builder::new()
+                .name("fuse-session".into())
+                .spawn(move || {
+                    let _entered = span.enter();
+                    let r = session.run();
+                    let _ = session_tx.send(Event::SessionEnded(r));
+                })
+                .map(|_| ())
+        };
+        match self.request_log.as_mut().and_then(|(log, _)| log.take()) {
+            Some((log, slots)) => {
+                // What a dead predecessor left unanswered is found before this process
+                // reads anything; its reader threads then read into the log.
+                let recover = !resend_in_use(&conn.init_request, &log);
+                let found = log.take_over(std::process::id(), recover);
+                match log.read_into(slots, run_session) {
+                    Ok((log, reading, spawned)) => {
+                        spawned.map_err(ClientError::Spawn)?;
+                        tracing::info!(
+                            reading,
+                            recover,
+                            pending = found.pending.len(),
+                            freed = found.freed,
+                            garbage = found.garbage,
+                            "request log taken over"
+                        );
+                        if !found.pending.is_empty() {
+                            match recover::start(
+                                log,
+                                found.pending,
+                                recovery_fs,
+                                &conn.init_request,
+                                fuse.clone(),
+                            ) {
+                                Ok(s) => tracing::info!(
+                                    answered = s.answered,
+                                    running = s.running,
+                                    "answering the requests the predecessor read and left unanswered"
+                                ),
+                                Err(e) => {
+                                    tracing::error!(error = %error_chain(&e), "cannot answer the requests the predecessor left unanswered: their callers wait")
+                                }
+                            }
+                        }
+                    }
+                    Err((e, spawned)) => {
+                        spawned.map_err(ClientError::Spawn)?;
+                        tracing::error!(error = %error_chain(&e), "cannot read into the request log: requests are lost if this client dies");
+                    }
+                }
+            }
+            None => run_session().map_err(ClientError::Spawn)?,
+        }
         let epoch = Arc::new(AtomicU64::new(0));
         spawn_reader(self.channel.clone(), tx.clone(), epoch.clone())
             .map_err(ClientError::Spawn)?;
@@ -652,6 +711,30 @@ impl Client {
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "cannot wait for a new supervisor; serving on without one");
                 false
+            }
+        }
+    }
+
+    /// Keeps the mount's request log for `Serve` (a log this build cannot use is logged
+    /// and ignored: the client then serves without one).
+    fn attach_request_log(&mut self, fd: OwnedFd) {
+        let keep = match fd.try_clone() {
+            Ok(k) => Arc::new(k),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot keep a descriptor of the request log: serving without it");
+                return;
+            }
+        };
+        match RequestLog::open(fd) {
+            Ok(log) => {
+                // Now, not at Serve: zeroing the slots is not part of any pause.
+                let slots = log.reserve(self.spec.threads.max(1) as usize, std::process::id());
+                tracing::debug!(header = ?log.header(), slots = slots.len(), "request log received");
+                self.request_log = Some((Some((log, slots)), keep));
+            }
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "the request log is unusable: requests are lost if this client dies without resend");
+                self.request_log = Some((None, keep));
             }
         }
     }
@@ -749,6 +832,16 @@ impl Client {
                     }
                     tracing::error!("Commit while not frozen: ignored, serving on");
                 }
+                Event::FromSupervisor(ToClient::SendRequestLog) => {
+                    let log = self.request_log.as_ref().map(|(_, fd)| fd.clone());
+                    let fds: Vec<BorrowedFd<'_>> = log.iter().map(|fd| fd.as_fd()).collect();
+                    let msg = ToSupervisor::RequestLog {
+                        held: !fds.is_empty(),
+                    };
+                    if let Err(e) = channel::send(self.sock(), &msg, &fds) {
+                        tracing::warn!(error = %error_chain(&e), "cannot send the request log to the supervisor");
+                    }
+                }
                 Event::FromSupervisor(ToClient::Detach) => {
                     tracing::info!("the supervisor is being replaced");
                     adoptable = adoptable || self.wait_for_supervisor(&conn, &events);
@@ -829,6 +922,7 @@ impl Client {
         let needed = match mode {
             FreezeMode::Resend => capability::PARK_RESEND,
             FreezeMode::Drain => capability::DRAIN,
+            FreezeMode::DrainLog => capability::REQUEST_LOG,
         };
         if !self.build.can(needed) {
             return Err(format!(
@@ -886,6 +980,15 @@ fn spawn_reader(
             }
         })
         .map(|_| ())
+}
+
+/// Whether the supervisor has the kernel resend what a dead client read (else this client
+/// answers it from the request log): the kernel offered FUSE_HAS_RESEND and the mount was
+/// not made with `--no-resend`. The supervisor decides the same from the same facts.
+fn resend_in_use(init_request: &[u8], log: &RequestLog) -> bool {
+    let offered =
+        handover_proto::fuse_init::InitRequest::parse(init_request).is_ok_and(|r| r.has_resend());
+    offered && !log.header().resend_disabled()
 }
 
 /// Ends the process at once for a committed handover: no unmount, no session close, no

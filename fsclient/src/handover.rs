@@ -252,7 +252,8 @@ impl Freezer {
         conn: &Arc<Connection>,
         channel: &Arc<OwnedFd>,
     ) -> std::io::Result<Freezer> {
-        let nudge = (ticket.mode == FreezeMode::Drain).then(|| drain_nudge(&conn.spec.mountpoint));
+        let drains = matches!(ticket.mode, FreezeMode::Drain | FreezeMode::DrainLog);
+        let nudge = drains.then(|| drain_nudge(&conn.spec.mountpoint));
         let job = FreezeJob {
             gate: gate.clone(),
             ticket,
@@ -387,6 +388,11 @@ impl FreezeJob {
             },
             FreezeMode::Drain => ToSupervisor::Frozen {
                 parked: 0,
+                drained: now.drained.max(stats.drained),
+            },
+            // Lock waits handed over through the request log count as parked.
+            FreezeMode::DrainLog => ToSupervisor::Frozen {
+                parked: now.parked,
                 drained: now.drained.max(stats.drained),
             },
         };

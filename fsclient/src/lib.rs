@@ -15,4 +15,5 @@ pub mod data;
 pub mod fuse;
 pub mod handover;
 pub mod meta;
+mod shm;
 pub mod vfs;

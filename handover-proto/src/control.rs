@@ -47,6 +47,10 @@ pub enum ControlRequest {
     /// supervises the client now. Answered by [`ControlResponse::HandedOver`]; the old
     /// supervisor stops serving the control socket and exits when its client has.
     TookOver,
+    /// Report on the mount, its client's health and how it survives a crash
+    /// ([`FuseMode`]). Answered by [`ControlResponse::Description`]; a supervisor that
+    /// predates it closes the connection (ask [`ControlRequest::Health`] then).
+    Describe,
 }
 
 /// Supervisor -> CLI.
@@ -86,6 +90,36 @@ pub enum ControlResponse {
     },
     /// The answer to [`ControlRequest::TookOver`].
     HandedOver,
+    /// The answer to [`ControlRequest::Describe`].
+    Description(Box<MountDescription>),
+}
+
+/// Everything `baton status` shows of a mount.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct MountDescription {
+    pub status: MountStatus,
+    pub health: ClientHealth,
+    pub fuse: FuseMode,
+}
+
+/// How the mount's FUSE connection survives a client that dies or is replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct FuseMode {
+    /// The kernel offered FUSE_HAS_RESEND (Linux >= 6.9).
+    pub kernel_resend: bool,
+    /// The mount was made with `--no-resend`: it behaves as on a kernel without it.
+    pub resend_disabled: bool,
+    /// The supervisor holds a request log (`crate::reqlog`) for its clients: without
+    /// resend, a successor answers from it what a dead client had read.
+    pub request_log: bool,
+}
+
+impl FuseMode {
+    /// Whether FUSE_NOTIFY_RESEND is used (else upgrades drain and crashes recover
+    /// through the request log).
+    pub fn resend(&self) -> bool {
+        self.kernel_resend && !self.resend_disabled
+    }
 }
 
 /// What the supervisor knows of its client beyond [`MountStatus`]: whether one serves,

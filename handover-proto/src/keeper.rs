@@ -42,6 +42,13 @@ pub enum ToKeeper {
     Deposit(Box<Adoption>),
     /// Give back what was kept for this mountpoint.
     Withdraw { mountpoint: PathBuf },
+    /// Keep the mount's request log (`crate::reqlog`) beside its deposit (one
+    /// descriptor); sent on its own connection after `Deposit` was kept. Answered by
+    /// `Kept` or `Refused`.
+    DepositRequestLog { mountpoint: PathBuf },
+    /// Give back the request log kept for this mountpoint. Answered by `RequestLog` or
+    /// `Nothing`.
+    WithdrawRequestLog { mountpoint: PathBuf },
 }
 
 /// Keeper -> supervisor.
@@ -55,6 +62,8 @@ pub enum FromKeeper {
     Deposited(Box<Adoption>),
     /// Nothing is kept for the mountpoint.
     Nothing,
+    /// The request log kept for the mountpoint (one descriptor).
+    RequestLog,
 }
 
 fn descriptors(a: &Adoption) -> usize {
@@ -65,7 +74,8 @@ impl WireMessage for ToKeeper {
     fn fd_count(&self) -> usize {
         match self {
             ToKeeper::Deposit(a) => descriptors(a),
-            ToKeeper::Withdraw { .. } => 0,
+            ToKeeper::DepositRequestLog { .. } => 1,
+            ToKeeper::Withdraw { .. } | ToKeeper::WithdrawRequestLog { .. } => 0,
         }
     }
 }
@@ -74,6 +84,7 @@ impl WireMessage for FromKeeper {
     fn fd_count(&self) -> usize {
         match self {
             FromKeeper::Deposited(a) => descriptors(a),
+            FromKeeper::RequestLog => 1,
             FromKeeper::Kept | FromKeeper::Refused { .. } | FromKeeper::Nothing => 0,
         }
     }

@@ -8,7 +8,8 @@
 //! handed from one generation to the next, versioned and chunked ([`state`]), the
 //! FUSE_INIT bytes they relay ([`fuse_init`]), the control API ([`control`]) and the
 //! descriptor keeper that lets a new supervisor re-seed a mount whose processes all
-//! died ([`keeper`]).
+//! died ([`keeper`]), and the layout of the request log, the shared memory in which a
+//! successor finds the requests a dead client had read and not answered ([`reqlog`]).
 //! [`channel`] puts them together: one message per `SOCK_SEQPACKET` datagram. The
 //! protocol as a whole (sequences, rollback, state schema) is described in
 //! `docs/handover-protocol.md`; golden files of every released format are kept in
@@ -57,6 +58,7 @@ pub mod fuse_init;
 pub mod keeper;
 pub mod message;
 pub mod rendezvous;
+pub mod reqlog;
 pub mod state;
 
 pub use channel::{RecvError, SendError, WireMessage};

@@ -109,6 +109,11 @@ pub mod capability {
     pub const DRAIN: &str = "drain";
     /// Can take over a live connection from a predecessor's state.
     pub const TAKEOVER: &str = "takeover";
+    /// Reads requests into the mount's request log (`crate::reqlog`), answers the
+    /// requests a dead predecessor left in it, and can freeze in
+    /// [`super::FreezeMode::DrainLog`]. Such a client is sent `ToClient::RequestLog`
+    /// after its `Prepared`, and answers `ToClient::SendRequestLog`.
+    pub const REQUEST_LOG: &str = "request-log";
 }
 
 /// How an old client stops serving for a handover.
@@ -119,6 +124,10 @@ pub enum FreezeMode {
     Resend,
     /// Finish every request read, then stop reading (kernels without resend).
     Drain,
+    /// Drain, except that a blocking lock wait gives way as in a resend freeze: it stays
+    /// unanswered in the request log, and the successor answers it from there (both
+    /// clients announce [`capability::REQUEST_LOG`]). Reported as `Drain`.
+    DrainLog,
 }
 
 /// One piece of an encoded client state (states can exceed one frame).
@@ -179,6 +188,15 @@ pub enum ToClient {
     /// Serving client: the supervisor is being replaced (`baton upgrade --supervisor`);
     /// listen on the adopt socket for its successor, and keep serving. Not answered.
     Detach,
+    /// The mount's request log (`crate::reqlog`), a memfd the supervisor keeps for the
+    /// life of the mount. Carries one descriptor. Sent right after `Prepared` to a client
+    /// that announces [`capability::REQUEST_LOG`]; the client touches the log only once
+    /// told to `Serve`. Not answered.
+    RequestLog,
+    /// From a supervisor that adopted this client: send me your request log. Sent only to
+    /// a client whose `Adoption` announces [`capability::REQUEST_LOG`]. Answered by
+    /// `ToSupervisor::RequestLog`.
+    SendRequestLog,
 }
 
 /// Client -> supervisor.
@@ -220,6 +238,8 @@ pub enum ToSupervisor {
     /// supervise it. Carries the /dev/fuse connection, then the write journal if
     /// `adoption.journal`.
     Adopted(Box<Adoption>),
+    /// Answer to `SendRequestLog`: carries the request log's descriptor when `held`.
+    RequestLog { held: bool },
 }
 
 /// A serving client, as a supervisor that adopts it must know it (`Adopted`).
@@ -243,8 +263,8 @@ pub struct Adoption {
 impl WireMessage for ToClient {
     fn fd_count(&self) -> usize {
         match self {
-            ToClient::Init { .. } | ToClient::Start { .. } => 1,
-            ToClient::Adopt { .. } | ToClient::Detach => 0,
+            ToClient::Init { .. } | ToClient::Start { .. } | ToClient::RequestLog => 1,
+            ToClient::Adopt { .. } | ToClient::Detach | ToClient::SendRequestLog => 0,
             ToClient::Serve
             | ToClient::Shutdown
             | ToClient::PreFlush
@@ -271,6 +291,7 @@ impl WireMessage for ToSupervisor {
             | ToSupervisor::Thawed
             | ToSupervisor::FirstServed { .. } => 0,
             ToSupervisor::Adopted(a) => 1 + usize::from(a.journal),
+            ToSupervisor::RequestLog { held } => usize::from(*held),
         }
     }
 }

@@ -23,7 +23,8 @@ use common::*;
 use handover_proto::WireMessage;
 use handover_proto::channel::{decode_frame, encode_frame};
 use handover_proto::control::{
-    ClientHealth, ControlRequest, ControlResponse, MountStatus, UpgradeReport,
+    ClientHealth, ControlRequest, ControlResponse, FuseMode, MountDescription, MountStatus,
+    UpgradeReport,
 };
 use handover_proto::frame::{self, HEADER_LEN};
 use handover_proto::keeper::{FromKeeper, ToKeeper};
@@ -139,6 +140,8 @@ fn to_client(name: &str) -> ToClient {
             supervisor_pid: 1300,
         },
         "Detach" => ToClient::Detach,
+        "RequestLog" => ToClient::RequestLog,
+        "SendRequestLog" => ToClient::SendRequestLog,
         other => panic!("no fixture value for ToClient::{other}"),
     }
 }
@@ -203,6 +206,7 @@ fn to_supervisor(name: &str) -> ToSupervisor {
             init_reply: init_reply(),
             journal: true,
         })),
+        "RequestLog" => ToSupervisor::RequestLog { held: true },
         other => panic!("no fixture value for ToSupervisor::{other}"),
     }
 }
@@ -225,6 +229,7 @@ fn control_request(name: &str) -> ControlRequest {
         },
         "HandOver" => ControlRequest::HandOver { timeout_ms: 30_000 },
         "TookOver" => ControlRequest::TookOver,
+        "Describe" => ControlRequest::Describe,
         other => panic!("no fixture value for ControlRequest::{other}"),
     }
 }
@@ -252,6 +257,12 @@ fn to_keeper(name: &str) -> ToKeeper {
         "Withdraw" => ToKeeper::Withdraw {
             mountpoint: PathBuf::from("/var/lib/baton-csi/mnt/3cc9d6b76dd55a344d84"),
         },
+        "DepositRequestLog" => ToKeeper::DepositRequestLog {
+            mountpoint: PathBuf::from("/var/lib/baton-csi/mnt/3cc9d6b76dd55a344d84"),
+        },
+        "WithdrawRequestLog" => ToKeeper::WithdrawRequestLog {
+            mountpoint: PathBuf::from("/var/lib/baton-csi/mnt/3cc9d6b76dd55a344d84"),
+        },
         other => panic!("no fixture value for ToKeeper::{other}"),
     }
 }
@@ -264,6 +275,7 @@ fn from_keeper(name: &str) -> FromKeeper {
         },
         "Deposited" => FromKeeper::Deposited(Box::new(adoption())),
         "Nothing" => FromKeeper::Nothing,
+        "RequestLog" => FromKeeper::RequestLog,
         other => panic!("no fixture value for FromKeeper::{other}"),
     }
 }
@@ -343,6 +355,28 @@ fn control_response(name: &str) -> ControlResponse {
             supervisor_pid: 1200,
         },
         "HandedOver" => ControlResponse::HandedOver,
+        "Description" => ControlResponse::Description(Box::new(MountDescription {
+            status: MountStatus {
+                fuse_minor: 37,
+                resend: false,
+                ..mount_status()
+            },
+            health: ClientHealth {
+                state: "serving".into(),
+                reason: None,
+                restart_attempts: 0,
+                next_attempt_ms: None,
+                last_crash: Some(
+                    "the client (generation 2) exited unexpectedly (killed by SIGKILL)".into(),
+                ),
+                last_crash_pause_us: Some(38_000),
+            },
+            fuse: FuseMode {
+                kernel_resend: false,
+                resend_disabled: false,
+                request_log: true,
+            },
+        })),
         other => panic!("no fixture value for ControlResponse::{other}"),
     }
 }

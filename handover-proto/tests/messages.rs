@@ -128,10 +128,13 @@ proptest! {
 }
 
 #[test]
-fn init_and_start_carry_one_descriptor() {
+fn init_start_and_request_log_carry_one_descriptor() {
     for msg in draw(to_client(), 300) {
-        // Init carries the FUSE fd, Start the write-journal memfd.
-        let expected = usize::from(matches!(to_client_name(&msg), "Init" | "Start"));
+        // Init carries the FUSE fd, Start the write-journal memfd, RequestLog the log's.
+        let expected = usize::from(matches!(
+            to_client_name(&msg),
+            "Init" | "Start" | "RequestLog"
+        ));
         assert_eq!(msg.fd_count(), expected, "{msg:?}");
     }
 }

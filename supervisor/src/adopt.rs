@@ -8,8 +8,11 @@
 //! supervisor: connect; the peer must be root and the pid it names
 //!   Adopt { supervisor_pid }          --->
 //!                                     <---  Adopted(Adoption) + /dev/fuse [+ journal]
+//! the connection is the client's handover channel from now on; if it announces
+//! the request-log capability:
+//!   SendRequestLog                    --->
+//!                                     <---  RequestLog { held } [+ request log]
 //! pidfd_open(pid): exits are seen on the pidfd (a non-child cannot be waited for)
-//! the connection is the client's handover channel from now on
 //! ```
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -79,6 +82,8 @@ pub struct Adopted {
     /// The client's descriptor of the FUSE connection (a dup: the same connection).
     pub fuse: OwnedFd,
     pub journal: Option<OwnedFd>,
+    /// The request log the client reads requests into, if it has one.
+    pub request_log: Option<OwnedFd>,
 }
 
 /// Adopts the client waiting on the adopt socket of `mountpoint`. `Ok(None)`: no client
@@ -154,10 +159,16 @@ pub fn adopt(
         });
     }
     let pidfd = pidfd_open(adoption.pid).map_err(AdoptError::Pidfd)?;
+    let request_log = if crate::supervise::offers_request_log(&adoption.hello) {
+        ask_request_log(&sock)
+    } else {
+        None
+    };
     tracing::info!(
         pid = adoption.pid,
         generation = %adoption.generation,
         version = %adoption.version,
+        request_log = request_log.is_some(),
         "adopted the serving client"
     );
     Ok(Some(Adopted {
@@ -165,7 +176,34 @@ pub fn adopt(
         adoption,
         fuse,
         journal,
+        request_log,
     }))
+}
+
+/// Asks an adopted client for the request log it reads into (it announced that it can).
+/// Without it, a crash of that client could not be answered from the log: logged.
+fn ask_request_log(sock: &OwnedFd) -> Option<OwnedFd> {
+    let answer = channel::send(sock.as_fd(), &ToClient::SendRequestLog, &[])
+        .map_err(AdoptError::Send)
+        .and_then(|()| {
+            channel::recv::<ToSupervisor>(sock.as_fd(), Some(ANSWER_TIMEOUT))
+                .map_err(AdoptError::Recv)
+        });
+    match answer {
+        Ok((ToSupervisor::RequestLog { held: true }, mut fds)) => fds.pop(),
+        Ok((ToSupervisor::RequestLog { held: false }, _)) => {
+            tracing::info!("the adopted client reads into no request log");
+            None
+        }
+        Ok((other, _)) => {
+            tracing::warn!(answer = ?other, "unexpected answer to SendRequestLog: supervising without the client's request log");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %fsclient::client::error_chain(&e), "cannot get the adopted client's request log: if it dies, what it had read is not answered from the log");
+            None
+        }
+    }
 }
 
 /// Connects to the adopt socket at `path`, retrying while nobody listens there until

@@ -137,6 +137,11 @@ pub struct MountArgs {
     /// old one). The old supervisor exits once its client has.
     #[arg(long)]
     pub take_over: bool,
+    /// Behave as on a kernel without FUSE_NOTIFY_RESEND (Linux < 6.9), even where the
+    /// kernel has it: upgrades drain, and after a crash the new client answers what the
+    /// dead one had read from the mount's request log. Kept for the life of the mount.
+    #[arg(long)]
+    pub no_resend: bool,
 }
 
 #[derive(Debug, Args)]

@@ -1,8 +1,10 @@
 //! The supervisor's side of the descriptor keeper ([`handover_proto::keeper`]): when
 //! `BATON_KEEPER` names a keeper's socket (baton-csi sets it in mount pods), the
 //! supervisor deposits the mount's FUSE connection and write journal there once a client
-//! serves (again after each new serving generation), and a `baton mount` that finds a
-//! Baton mount with no supervisor and no client left withdraws them to re-seed it.
+//! serves (again after each new serving generation), then its request log (on a second
+//! connection: a keeper that predates it refuses that request, and keeps the rest), and
+//! a `baton mount` that finds a Baton mount with no supervisor and no client left
+//! withdraws them to re-seed it.
 //!
 //! The keeper must be root (SO_PEERCRED); a keeper that is absent, slow or refuses never
 //! stops a mount: a deposit that fails is logged and the mount serves on unprotected.
@@ -53,6 +55,8 @@ pub struct Withdrawn {
     pub adoption: Adoption,
     pub fuse: OwnedFd,
     pub journal: Option<OwnedFd>,
+    /// The request log the dead clients read into (what they left unanswered is there).
+    pub request_log: Option<OwnedFd>,
 }
 
 /// The keeper named by `BATON_KEEPER`.
@@ -113,25 +117,62 @@ impl Keeper {
         channel::recv::<FromKeeper>(sock.as_fd(), Some(ANSWER_TIMEOUT)).map_err(KeeperError::Recv)
     }
 
-    /// Deposits the mount described by `adoption` (its `journal` flag must match
-    /// `journal`).
+    /// Deposits the mount described by `adoption` (its `journal` flag is set from
+    /// `journal`), then its request log. A keeper that does not keep the log (one that
+    /// predates it) keeps the rest: that is logged, not an error.
     pub fn deposit(
         &self,
         adoption: Adoption,
         fuse: BorrowedFd<'_>,
         journal: Option<BorrowedFd<'_>>,
+        request_log: Option<BorrowedFd<'_>>,
     ) -> Result<(), KeeperError> {
         let mut adoption = adoption;
         adoption.journal = journal.is_some();
+        let mountpoint = adoption.spec.mountpoint.clone();
         let mut fds = vec![fuse];
         fds.extend(journal);
         match self
             .exchange(&ToKeeper::Deposit(Box::new(adoption)), &fds)?
             .0
         {
-            FromKeeper::Kept => Ok(()),
-            FromKeeper::Refused { reason } => Err(KeeperError::Refused(reason)),
-            other => Err(KeeperError::Unexpected(short(&other))),
+            FromKeeper::Kept => {}
+            FromKeeper::Refused { reason } => return Err(KeeperError::Refused(reason)),
+            other => return Err(KeeperError::Unexpected(short(&other))),
+        }
+        let Some(log) = request_log else {
+            return Ok(());
+        };
+        let msg = ToKeeper::DepositRequestLog { mountpoint };
+        match self.exchange(&msg, &[log]) {
+            Ok((FromKeeper::Kept, _)) => {}
+            Ok((other, _)) => {
+                tracing::warn!(answer = %short(&other), "the descriptor keeper does not keep the request log: a mount it re-seeds cannot answer what its dead client had read")
+            }
+            Err(e) => {
+                tracing::warn!(error = %fsclient::client::error_chain(&e), "the descriptor keeper does not keep the request log: a mount it re-seeds cannot answer what its dead client had read")
+            }
+        }
+        Ok(())
+    }
+
+    /// The request log kept for `mountpoint` (`None`: none, or a keeper that predates
+    /// request logs).
+    fn withdraw_request_log(&self, mountpoint: &Path) -> Option<OwnedFd> {
+        let msg = ToKeeper::WithdrawRequestLog {
+            mountpoint: mountpoint.to_path_buf(),
+        };
+        match self.exchange(&msg, &[]) {
+            Ok((FromKeeper::RequestLog, mut fds)) => fds.pop(),
+            Ok((FromKeeper::Nothing, _)) => None,
+            Ok((other, _)) => {
+                tracing::warn!(answer = %short(&other), "the descriptor keeper gives back no request log");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %fsclient::client::error_chain(&e), "the descriptor keeper gives back no request log");
+                None
+            }
         }
     }
 
@@ -157,10 +198,14 @@ impl Keeper {
                         mountpoint.display()
                     )));
                 }
+                let request_log = crate::supervise::offers_request_log(&adoption.hello)
+                    .then(|| self.withdraw_request_log(mountpoint))
+                    .flatten();
                 Ok(Some(Withdrawn {
                     adoption: *adoption,
                     fuse,
                     journal,
+                    request_log,
                 }))
             }
             FromKeeper::Nothing => Ok(None),

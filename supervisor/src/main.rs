@@ -187,6 +187,7 @@ fn run_other(cli: Cli, home: &Home, readiness: Option<Readiness>) -> anyhow::Res
                 log_format: cli.log_format.into(),
                 metrics: a.metrics,
                 take_over: a.take_over,
+                no_resend: a.no_resend,
             };
             let mut readiness = readiness;
             let result = supervise::run(home, &opts, |_| {

@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use handover_proto::control::{ClientHealth, ControlRequest, ControlResponse, MountStatus};
+use handover_proto::control::{
+    ClientHealth, ControlRequest, ControlResponse, FuseMode, MountStatus,
+};
 
 use crate::control::{self, RequestError};
 use crate::home::Home;
@@ -31,18 +33,36 @@ pub enum StatusError {
     Unsupervised(PathBuf),
 }
 
-/// A mount's status and its client's health.
+/// A mount's status, its client's health, and how it survives a crash (`None` from a
+/// supervisor that predates [`ControlRequest::Describe`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Report {
     pub status: MountStatus,
     pub health: ClientHealth,
+    pub fuse: Option<FuseMode>,
 }
 
 /// The status of the mount at `mountpoint`.
 pub fn status(home: &Home, mountpoint: &Path) -> Result<Report, StatusError> {
     let mp = resolve(mountpoint);
-    match control::request(home, &mp, &ControlRequest::Health, STATUS_TIMEOUT) {
-        Ok(ControlResponse::Health { status, health }) => Ok(Report { status, health }),
+    let asked = match control::request(home, &mp, &ControlRequest::Describe, STATUS_TIMEOUT) {
+        // A supervisor that cannot decode `Describe` closes the connection: ask Health.
+        Err(RequestError::Recv(e)) if e.is_closed() => {
+            control::request(home, &mp, &ControlRequest::Health, STATUS_TIMEOUT)
+        }
+        other => other,
+    };
+    match asked {
+        Ok(ControlResponse::Description(d)) => Ok(Report {
+            status: d.status,
+            health: d.health,
+            fuse: Some(d.fuse),
+        }),
+        Ok(ControlResponse::Health { status, health }) => Ok(Report {
+            status,
+            health,
+            fuse: None,
+        }),
         Ok(other) => Err(StatusError::Unexpected {
             path: mp,
             answer: format!("{other:?}"),
@@ -102,6 +122,23 @@ pub fn to_json(r: &Report) -> serde_json::Value {
         "next_attempt_ms": h.next_attempt_ms,
         "last_crash": h.last_crash,
         "last_crash_pause_us": h.last_crash_pause_us,
+        "kernel_resend": r.fuse.map(|f| f.kernel_resend),
+        "resend_disabled": r.fuse.map(|f| f.resend_disabled),
+        "request_log": r.fuse.map(|f| f.request_log),
+        "resend_mode": resend_mode(r),
+    })
+}
+
+/// `resend`, `disabled` or `unavailable` (`None`: the supervisor does not say).
+fn resend_mode(r: &Report) -> Option<&'static str> {
+    r.fuse.map(|f| {
+        if f.resend() {
+            "resend"
+        } else if f.kernel_resend {
+            "disabled"
+        } else {
+            "unavailable"
+        }
     })
 }
 
@@ -119,10 +156,23 @@ pub fn render(r: &Report) -> String {
         format!("  last crash: {c}{pause}\n")
     });
     let up = Duration::from_millis(s.uptime_ms).as_secs();
-    let resend = if s.resend {
-        "resend available"
-    } else {
-        "no resend: upgrades drain"
+    let resend = match (r.fuse, s.resend) {
+        (Some(f), _) if f.resend() => "resend available".to_string(),
+        (Some(f), _) => {
+            let why = if f.kernel_resend {
+                "resend disabled (--no-resend)"
+            } else {
+                "resend unavailable"
+            };
+            let crash = if f.request_log {
+                "crashes answer from the request log"
+            } else {
+                "no request log: a crash leaves what the client had read unanswered"
+            };
+            format!("{why}: upgrades drain, {crash}")
+        }
+        (None, true) => "resend available".to_string(),
+        (None, false) => "no resend: upgrades drain".to_string(),
     };
     let pause = s
         .last_pause_us

@@ -35,7 +35,10 @@ use fsclient::meta::{self, MetaError};
 use handover_proto::channel::{self, RecvError, SendError};
 use handover_proto::control::{ControlRequest, ControlResponse};
 use handover_proto::fuse_init::{InitError, InitReply};
-use handover_proto::message::{Adoption, Generation, Hello, MountSpec, ToClient, ToSupervisor};
+use handover_proto::message::{
+    Adoption, Generation, Hello, MountSpec, ToClient, ToSupervisor, capability,
+};
+use handover_proto::reqlog;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
@@ -100,6 +103,10 @@ pub struct MountOptions {
     /// Take a live mount over from its supervisor (a new mount pod replacing the old
     /// one) and move its client to this build's client binary.
     pub take_over: bool,
+    /// Behave as on a kernel without FUSE_HAS_RESEND: never write the notification,
+    /// drain on upgrade, recover through the request log after a crash. Kept by the mount
+    /// (its request log says so): a supervisor that adopts it keeps it too.
+    pub no_resend: bool,
 }
 
 /// `baton mount` failed. Variants before `Mount` leave nothing mounted.
@@ -135,6 +142,8 @@ pub enum SuperviseError {
     Control(#[source] BindError),
     #[error("cannot create the write journal")]
     Journal(#[source] mount::JournalError),
+    #[error("cannot create or update the request log")]
+    RequestLog(#[source] reqlog::LogError),
     #[error("cannot set up signal handling")]
     Signals(#[source] Errno),
     #[error("cannot start the filesystem client")]
@@ -313,6 +322,8 @@ struct Supervisor {
     started: Instant,
     /// The mount's write journal, handed to every client generation in `Start`.
     journal: OwnedFd,
+    /// The mount's request log, handed to every client that can use it after `Prepared`.
+    request_log: OwnedFd,
 }
 
 /// The INIT exchange of the connection, kept for the whole life of the mount.
@@ -468,6 +479,13 @@ impl Supervisor {
                 _,
             )) => {
                 tracing::info!(pid, %version, ?hello, session, "client prepared the volume");
+                if offers_request_log(&hello) {
+                    self.send(
+                        "RequestLog",
+                        &ToClient::RequestLog,
+                        &[self.request_log.as_fd()],
+                    )?;
+                }
                 self.client_version = version;
                 self.client_hello = hello;
                 self.client_session = session;
@@ -613,6 +631,7 @@ pub fn run(
         opts.log_format.as_str().to_string(),
     ];
     let journal = mount::create_journal(mount::JOURNAL_BYTES).map_err(SuperviseError::Journal)?;
+    let request_log = create_request_log(opts)?;
     let client = ClientProcess::spawn(&binary, &args).map_err(SuperviseError::Spawn)?;
     let mut sup = Supervisor {
         target,
@@ -628,6 +647,7 @@ pub fn run(
         generation: Generation(1),
         started: Instant::now(),
         journal,
+        request_log,
     };
     let spec = MountSpec {
         volume: sup.target.volume.clone(),
@@ -695,6 +715,33 @@ fn find_live_client(
     }
 }
 
+/// Slots of a new mount's request log: the reader threads of the serving client, those
+/// of a successor still answering what its predecessor left, and margin.
+fn request_log_slots(threads: u32) -> u32 {
+    threads
+        .saturating_mul(4)
+        .saturating_add(32)
+        .clamp(64, reqlog::MAX_SLOTS)
+}
+
+/// A new mount's request log, with `--no-resend` recorded in it.
+fn create_request_log(opts: &MountOptions) -> Result<OwnedFd, SuperviseError> {
+    let flags = if opts.no_resend {
+        reqlog::flags::RESEND_DISABLED
+    } else {
+        0
+    };
+    reqlog::create(request_log_slots(opts.threads), flags).map_err(SuperviseError::RequestLog)
+}
+
+/// Whether a client announcing `hello` is sent the request log.
+pub fn offers_request_log(hello: &Hello) -> bool {
+    hello
+        .capabilities
+        .iter()
+        .any(|c| c == capability::REQUEST_LOG)
+}
+
 /// What a supervisor that did not mount starts from: an adopted live client, or the
 /// descriptors of a mount whose processes all died, withdrawn from the keeper (no client).
 struct Seed {
@@ -702,6 +749,7 @@ struct Seed {
     adoption: Adoption,
     fuse: OwnedFd,
     journal: Option<OwnedFd>,
+    request_log: Option<OwnedFd>,
 }
 
 impl From<Adopted> for Seed {
@@ -711,6 +759,7 @@ impl From<Adopted> for Seed {
             adoption: a.adoption,
             fuse: a.fuse,
             journal: a.journal,
+            request_log: a.request_log,
         }
     }
 }
@@ -722,6 +771,7 @@ impl From<Withdrawn> for Seed {
             adoption: w.adoption,
             fuse: w.fuse,
             journal: w.journal,
+            request_log: w.request_log,
         }
     }
 }
@@ -882,6 +932,7 @@ fn run_adopted(
         adoption,
         fuse,
         journal,
+        request_log,
     } = adopted.into();
     // On a failure below, a live client is left serving (released, not killed).
     let release = |c: Option<ClientProcess>| {
@@ -964,6 +1015,28 @@ fn run_adopted(
             }
         },
     };
+    // The mount's request log: the one its clients read into, or (a client started by a
+    // supervisor that had none) a new one for the next generations. `--no-resend` is
+    // kept by the log: given now, it is added; absent, the mount keeps what it had.
+    let request_log = match request_log {
+        Some(log) if opts.no_resend => {
+            match reqlog::add_flags(log.as_fd(), reqlog::flags::RESEND_DISABLED) {
+                Ok(_) => log,
+                Err(e) => {
+                    release(client);
+                    return Err(SuperviseError::RequestLog(e));
+                }
+            }
+        }
+        Some(log) => log,
+        None => match create_request_log(opts) {
+            Ok(log) => log,
+            Err(e) => {
+                release(client);
+                return Err(e);
+            }
+        },
+    };
     let client_args = vec![
         "--log-format".to_string(),
         opts.log_format.as_str().to_string(),
@@ -1013,6 +1086,7 @@ fn run_adopted(
         metrics,
         timings: Timings::default(),
         journal,
+        request_log,
     };
     if let Some(conn) = take_over {
         match conn.exchange(&ControlRequest::TookOver, TAKE_OVER_TIMEOUT) {
@@ -1059,6 +1133,7 @@ impl Supervisor {
             generation,
             started,
             journal,
+            request_log,
         } = self;
         DriverParts {
             facts: MountFacts {
@@ -1087,6 +1162,7 @@ impl Supervisor {
             metrics,
             timings: Timings::default(),
             journal,
+            request_log,
         }
     }
 }

@@ -5,12 +5,13 @@
 use std::process::ExitCode;
 
 use fsclient::client::{BuildInfo, client_main};
-use fsclient::fuse::prefault::PrefaultingAlloc;
+use fsclient::fuse::buffers::RequestBufferAlloc;
 
-/// Keeps fuser's request buffers resident: a kill -9 must not fail a request the kernel
-/// is copying into one (see `fsclient::fuse::prefault`).
+/// Puts fuser's request buffers in the mount's request log, resident: a successor finds
+/// every request this process read, and a kill -9 cannot fail a request the kernel is
+/// copying (see `fsclient::fuse::buffers`).
 #[global_allocator]
-static ALLOC: PrefaultingAlloc = PrefaultingAlloc;
+static ALLOC: RequestBufferAlloc = RequestBufferAlloc;
 
 fn main() -> ExitCode {
     client_main(BuildInfo::default())

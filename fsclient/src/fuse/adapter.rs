@@ -23,7 +23,9 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fuse::park::Gate;
+use crate::fuse::park::{Gate, Pass, PassKind};
+use crate::fuse::reqlog;
+use crate::meta::RESEND_BIT;
 use crate::meta::{Attr, Caller, FileKind, Ino, SetAttr, TimeSet, Timestamp};
 use crate::vfs::{FsError, LockWait, Unique, Vfs};
 
@@ -59,6 +61,9 @@ pub struct BatonFs {
     gate: Arc<Gate>,
     attr_ttl: Duration,
     entry_ttl: Duration,
+    /// Who runs the handlers: fuser's readers of /dev/fuse, or the threads that answer
+    /// what a dead predecessor left in the request log (`fuse::recover`).
+    kind: PassKind,
 }
 
 impl BatonFs {
@@ -70,7 +75,38 @@ impl BatonFs {
             gate,
             attr_ttl,
             entry_ttl,
+            kind: PassKind::Worker,
         }
+    }
+
+    /// The same filesystem for the session that answers the requests a dead predecessor
+    /// read from /dev/fuse and left in the request log: every request counts as one
+    /// that may have been applied already (mutations look for their record first, as
+    /// resent requests do).
+    pub fn for_recovery(&self) -> Self {
+        BatonFs {
+            vfs: self.vfs.clone(),
+            gate: self.gate.clone(),
+            attr_ttl: self.attr_ttl,
+            entry_ttl: self.entry_ttl,
+            kind: PassKind::Recovery,
+        }
+    }
+
+    /// Enters the gate for `req` (see [`crate::fuse::park`]).
+    fn pass(&self, req: &Request) -> Pass<'_> {
+        self.gate.enter_request(req.unique().0, self.kind)
+    }
+
+    /// The request's `unique` as mutations use it to apply a request at most once: as the
+    /// kernel sent it (with the resend bit), or marked as possibly applied already for a
+    /// request recovered from the request log.
+    fn unique(&self, req: &Request) -> Option<Unique> {
+        let u = req.unique().0;
+        Some(Unique(match self.kind {
+            PassKind::Worker => u,
+            PassKind::Recovery => u | RESEND_BIT,
+        }))
     }
 
     pub fn vfs(&self) -> &Arc<Vfs> {
@@ -104,12 +140,6 @@ fn caller(req: &Request) -> Caller {
         gid: req.gid(),
         pid: req.pid(),
     }
-}
-
-/// The request's `unique` as the kernel sent it (with the resend bit): mutations use it to
-/// apply a request at most once.
-fn unique(req: &Request) -> Option<Unique> {
-    Some(Unique(req.unique().0))
 }
 
 fn kind(k: FileKind) -> FileType {
@@ -174,15 +204,26 @@ fn time_set(t: TimeOrNow) -> TimeSet {
     }
 }
 
-fn empty(reply: ReplyEmpty, r: Result<(), FsError>, op: &str) {
+/// Answers a request whose reply is only an error code. Its effect is complete: the
+/// result is marked applied in the request log first, so that a successor answers it
+/// with the same result instead of running it again (see `handover_proto::reqlog`).
+fn empty(req: &Request, reply: ReplyEmpty, r: Result<(), FsError>, op: &str) {
+    let unique = req.unique().0;
     match r {
-        Ok(()) => reply.ok(),
-        Err(e) => reply.error(errno(&e, op)),
+        Ok(()) => {
+            reqlog::applied(unique, 0, 0);
+            reply.ok()
+        }
+        Err(e) => {
+            let errno = errno(&e, op);
+            reqlog::applied(unique, errno.code(), 0);
+            reply.error(errno)
+        }
     }
 }
 
 impl Filesystem for BatonFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+    fn init(&mut self, _initreq: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let offered = config.capabilities();
         let wanted = wanted_capabilities() & offered;
         if let Err(missing) = config.add_capabilities(wanted) {
@@ -196,8 +237,8 @@ impl Filesystem for BatonFs {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let mut pass = self.gate.enter();
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let mut pass = self.pass(req);
         if parent.0 == Ino::ROOT.0 && name.as_bytes().starts_with(DRAIN_NUDGE_PREFIX) {
             // A drain nudge: the reply matters less than this thread passing the gate.
             pass.internal();
@@ -216,14 +257,14 @@ impl Filesystem for BatonFs {
     // harmless (inode numbers are the engine's and stay valid). BATCH_FORGET goes through
     // fuser's default, one `forget` per inode (fuser does not export the type of its
     // argument), so a freeze may park it halfway: the rest is lost the same way.
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let mut pass = self.gate.enter();
+    fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
+        let mut pass = self.pass(req);
         pass.no_reply();
         self.vfs.forget(Ino(ino.0), nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _pass = self.gate.enter();
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _pass = self.pass(req);
         match self.vfs.getattr(Ino(ino.0)) {
             Ok(a) => reply.attr(&self.attr_ttl, &self.fuse_attr(Ino(ino.0), &a)),
             Err(e) => reply.error(errno(&e, "getattr")),
@@ -248,7 +289,7 @@ impl Filesystem for BatonFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         let set = SetAttr {
             mode,
             uid,
@@ -258,14 +299,14 @@ impl Filesystem for BatonFs {
             mtime: mtime.map(time_set),
             ctime: ctime.map(Timestamp::from_system_time),
         };
-        match self.vfs.setattr(unique(req), Ino(ino.0), &set) {
+        match self.vfs.setattr(self.unique(req), Ino(ino.0), &set) {
             Ok(a) => reply.attr(&self.attr_ttl, &self.fuse_attr(Ino(ino.0), &a)),
             Err(e) => reply.error(errno(&e, "setattr")),
         }
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let _pass = self.gate.enter();
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _pass = self.pass(req);
         match self.vfs.readlink(Ino(ino.0)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e, "readlink")),
@@ -282,9 +323,9 @@ impl Filesystem for BatonFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         let r = self.vfs.mknod(
-            unique(req),
+            self.unique(req),
             caller(req),
             Ino(parent.0),
             name.as_bytes(),
@@ -304,9 +345,9 @@ impl Filesystem for BatonFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         let r = self.vfs.mkdir(
-            unique(req),
+            self.unique(req),
             caller(req),
             Ino(parent.0),
             name.as_bytes(),
@@ -317,19 +358,23 @@ impl Filesystem for BatonFs {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         empty(
+            req,
             reply,
-            self.vfs.unlink(unique(req), Ino(parent.0), name.as_bytes()),
+            self.vfs
+                .unlink(self.unique(req), Ino(parent.0), name.as_bytes()),
             "unlink",
         );
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         empty(
+            req,
             reply,
-            self.vfs.rmdir(unique(req), Ino(parent.0), name.as_bytes()),
+            self.vfs
+                .rmdir(self.unique(req), Ino(parent.0), name.as_bytes()),
             "rmdir",
         );
     }
@@ -342,9 +387,9 @@ impl Filesystem for BatonFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         let r = self.vfs.symlink(
-            unique(req),
+            self.unique(req),
             caller(req),
             Ino(parent.0),
             link_name.as_bytes(),
@@ -363,16 +408,16 @@ impl Filesystem for BatonFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         let r = self.vfs.rename(
-            unique(req),
+            self.unique(req),
             Ino(parent.0),
             name.as_bytes(),
             Ino(newparent.0),
             newname.as_bytes(),
             flags.bits(),
         );
-        empty(reply, r, "rename");
+        empty(req, reply, r, "rename");
     }
 
     fn link(
@@ -383,9 +428,9 @@ impl Filesystem for BatonFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         let r = self.vfs.link(
-            unique(req),
+            self.unique(req),
             Ino(ino.0),
             Ino(newparent.0),
             newname.as_bytes(),
@@ -393,8 +438,8 @@ impl Filesystem for BatonFs {
         self.entry(reply, r, "link");
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _pass = self.gate.enter();
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _pass = self.pass(req);
         match self.vfs.open_file(Ino(ino.0), flags.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e, "open")),
@@ -403,7 +448,7 @@ impl Filesystem for BatonFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -412,7 +457,7 @@ impl Filesystem for BatonFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         match self.vfs.read(Ino(ino.0), fh.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(&e, "read")),
@@ -421,7 +466,7 @@ impl Filesystem for BatonFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -431,23 +476,29 @@ impl Filesystem for BatonFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         match self.vfs.write(Ino(ino.0), fh.0, offset, data) {
-            Ok(n) => reply.written(n),
+            Ok(n) => {
+                // The bytes are in the write journal: a successor answers this size
+                // rather than write them again over what later requests wrote.
+                reqlog::applied(req.unique().0, 0, n);
+                reply.written(n)
+            }
             Err(e) => reply.error(errno(&e, "write")),
         }
     }
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         empty(
+            req,
             reply,
             self.vfs.flush(Ino(ino.0), fh.0, lock_owner.0),
             "flush",
@@ -456,7 +507,7 @@ impl Filesystem for BatonFs {
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -464,8 +515,9 @@ impl Filesystem for BatonFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         empty(
+            req,
             reply,
             self.vfs.release(Ino(ino.0), fh.0, lock_owner.map(|o| o.0)),
             "release",
@@ -474,18 +526,18 @@ impl Filesystem for BatonFs {
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _pass = self.gate.enter();
-        empty(reply, self.vfs.fsync(Ino(ino.0), fh.0), "fsync");
+        let _pass = self.pass(req);
+        empty(req, reply, self.vfs.fsync(Ino(ino.0), fh.0), "fsync");
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let _pass = self.gate.enter();
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _pass = self.pass(req);
         match self.vfs.opendir(Ino(ino.0)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e, "opendir")),
@@ -494,13 +546,13 @@ impl Filesystem for BatonFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         match self
             .vfs
             .readdir(Ino(ino.0), fh.0, offset, READDIR_BATCH, false)
@@ -524,13 +576,13 @@ impl Filesystem for BatonFs {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         match self
             .vfs
             .readdir(Ino(ino.0), fh.0, offset, READDIR_BATCH, true)
@@ -565,32 +617,32 @@ impl Filesystem for BatonFs {
 
     fn releasedir(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         self.vfs.releasedir(fh.0);
         reply.ok();
     }
 
     fn fsyncdir(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         // Every metadata change is committed durably before it is answered.
         reply.ok();
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let _pass = self.gate.enter();
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _pass = self.pass(req);
         match self.vfs.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
@@ -609,17 +661,18 @@ impl Filesystem for BatonFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         empty(
+            req,
             reply,
             self.vfs
-                .setxattr(unique(req), Ino(ino.0), name.as_bytes(), value, flags),
+                .setxattr(self.unique(req), Ino(ino.0), name.as_bytes(), value, flags),
             "setxattr",
         );
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let _pass = self.gate.enter();
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _pass = self.pass(req);
         xattr_reply(
             reply,
             size,
@@ -628,24 +681,26 @@ impl Filesystem for BatonFs {
         );
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let _pass = self.gate.enter();
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _pass = self.pass(req);
         xattr_reply(reply, size, self.vfs.listxattr(Ino(ino.0)), "listxattr");
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         empty(
+            req,
             reply,
             self.vfs
-                .removexattr(unique(req), Ino(ino.0), name.as_bytes()),
+                .removexattr(self.unique(req), Ino(ino.0), name.as_bytes()),
             "removexattr",
         );
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         empty(
+            req,
             reply,
             self.vfs.access(caller(req), Ino(ino.0), mask.bits() as u32),
             "access",
@@ -662,9 +717,9 @@ impl Filesystem for BatonFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         match self.vfs.create(
-            unique(req),
+            self.unique(req),
             caller(req),
             Ino(parent.0),
             name.as_bytes(),
@@ -685,7 +740,7 @@ impl Filesystem for BatonFs {
 
     fn getlk(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         lock_owner: LockOwner,
@@ -695,7 +750,7 @@ impl Filesystem for BatonFs {
         pid: u32,
         reply: ReplyLock,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         match self
             .vfs
             .getlk(Ino(ino.0), lock_owner.0, typ, start, end, pid)
@@ -714,7 +769,7 @@ impl Filesystem for BatonFs {
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         lock_owner: LockOwner,
@@ -725,10 +780,11 @@ impl Filesystem for BatonFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        let pass = self.gate.enter();
+        let pass = self.pass(req);
         // A blocking wait gives way to a resend freeze between attempts (park.rs).
         let wait: Option<&dyn LockWait> = if sleep { Some(&pass) } else { None };
         empty(
+            req,
             reply,
             self.vfs
                 .setlk(Ino(ino.0), lock_owner.0, typ, start, end, pid, wait),
@@ -746,25 +802,26 @@ impl Filesystem for BatonFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         empty(
+            req,
             reply,
             self.vfs
-                .fallocate(unique(req), Ino(ino.0), fh.0, offset, length, mode),
+                .fallocate(self.unique(req), Ino(ino.0), fh.0, offset, length, mode),
             "fallocate",
         );
     }
 
     fn lseek(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let _pass = self.gate.enter();
+        let _pass = self.pass(req);
         match self.vfs.lseek(Ino(ino.0), fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(errno(&e, "lseek")),

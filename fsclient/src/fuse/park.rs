@@ -17,12 +17,21 @@
 //!   returns once every worker thread is parked; a thread blocked in read(/dev/fuse) is
 //!   brought through a handler by the nudger the caller gives (the client stats magic
 //!   names in the mount root, which the adapter answers ENOENT).
+//! - **Frozen(DrainLog)**: a drain in which a request that is in the request log may also
+//!   give way like in a resend freeze (below): it stays unanswered in the log, and the
+//!   successor answers it from there (`super::reqlog`).
 //!
 //! A blocking lock wait is the one long operation that can give way: between two attempts
 //! it calls [`Pass::wait`] (as a [`LockWait`]), which in a resend freeze parks the request
-//! — it holds no lock and changed nothing, so the successor can run it again. In a drain
-//! freeze it keeps waiting; a drain that cannot finish times out at the supervisor, which
-//! thaws.
+//! — it holds no lock and changed nothing, so the successor can run it again — and in a
+//! DrainLog freeze does the same if the request is in the log. In a plain drain freeze it
+//! keeps waiting; a drain that cannot finish times out at the supervisor, which thaws.
+//!
+//! Passes are of two kinds: a [`Worker`](PassKind::Worker)'s, held by one of fuser's
+//! reader threads of /dev/fuse (the drain waits until every one of those is parked), and
+//! a [`Recovery`](PassKind::Recovery) pass, held by a thread that answers a request a dead
+//! predecessor left in the request log: it reads nothing from /dev/fuse, so it does not
+//! park after its reply and is not counted among the workers.
 //!
 //! Every thaw starts a new *epoch*; a parked thread leaves when the epoch changes (and
 //! parks again if a new freeze began meanwhile).
@@ -37,6 +46,15 @@ use crate::vfs::LockWait;
 
 /// How long the nudger waits for a nudge to take effect before it nudges again.
 const NUDGE_SETTLE: Duration = Duration::from_millis(2);
+
+/// Who holds a pass (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassKind {
+    /// One of fuser's reader threads of /dev/fuse.
+    Worker,
+    /// A thread answering a request a predecessor left in the request log.
+    Recovery,
+}
 
 /// Where the gate is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,20 +174,42 @@ impl Gate {
         *self.on_answer.lock() = Some(Box::new(hook));
     }
 
-    /// Blocks in a resend freeze until the epoch changes; the caller counts itself parked.
-    fn park_until_thaw(&self, s: &mut MutexGuard<'_, State>) {
+    /// Blocks in a freeze until the epoch changes; a worker counts itself parked.
+    fn park_until_thaw(&self, s: &mut MutexGuard<'_, State>, worker: bool) {
         let epoch = s.epoch;
-        s.parked += 1;
+        if worker {
+            s.parked += 1;
+        }
         self.changed.notify_all();
         while s.epoch == epoch {
             self.changed.wait(s);
         }
-        s.parked -= 1;
+        if worker {
+            s.parked -= 1;
+        }
     }
 
-    /// Entered by every handler before it touches the filesystem. In a resend freeze,
-    /// blocks until a thaw (or forever: the process exits with the request parked).
+    /// Entered by a worker's handler before it touches the filesystem (no request log
+    /// marks: tests and internal requests). See [`Gate::enter_request`].
     pub fn enter(&self) -> Pass<'_> {
+        self.enter_as(None, PassKind::Worker, false)
+    }
+
+    /// Entered by every handler of kernel request `unique` before it touches the
+    /// filesystem. In a resend freeze, blocks until a thaw (or forever: the process exits
+    /// with the request parked). When the pass is dropped, after the reply, the request
+    /// is marked answered in the request log.
+    pub fn enter_request(&self, unique: u64, kind: PassKind) -> Pass<'_> {
+        let logged = match kind {
+            PassKind::Worker => super::reqlog::logged(),
+            // Its request is in a slot this process claimed.
+            PassKind::Recovery => true,
+        };
+        self.enter_as(Some(unique), kind, logged)
+    }
+
+    fn enter_as(&self, unique: Option<u64>, kind: PassKind, logged: bool) -> Pass<'_> {
+        let worker = kind == PassKind::Worker;
         let mut s = self.state.lock();
         let mut counted = false;
         while s.phase == Phase::Frozen(FreezeMode::Resend) {
@@ -177,17 +217,20 @@ impl Gate {
                 s.parked_requests += 1;
                 counted = true;
             }
-            self.park_until_thaw(&mut s);
+            self.park_until_thaw(&mut s, worker);
         }
         s.executing += 1;
         Pass {
             gate: self,
             counted: true,
             replies: true,
+            unique,
+            worker,
+            logged,
         }
     }
 
-    fn leave(&self, counted: bool, replied: bool) {
+    fn leave(&self, counted: bool, replied: bool, worker: bool) {
         let mut s = self.state.lock();
         s.executing -= 1;
         self.changed.notify_all();
@@ -202,9 +245,13 @@ impl Gate {
             hook();
             s = self.state.lock();
         }
-        if let Phase::Frozen(FreezeMode::Drain) = s.phase {
+        if let Phase::Frozen(FreezeMode::Drain | FreezeMode::DrainLog) = s.phase {
             if counted {
                 s.drained += 1;
+            }
+            if !worker {
+                // Reads nothing from /dev/fuse: nothing to stop.
+                return;
             }
             // The reply is out; this thread reads nothing more until a thaw.
             let epoch = s.epoch;
@@ -218,25 +265,31 @@ impl Gate {
     }
 
     /// Between two attempts of a blocking lock request: waits `delay`, or parks the
-    /// request for the rest of a resend freeze (which may be forever).
-    fn lock_wait(&self, delay: Duration) {
+    /// request for the rest of a freeze that lets it give way (which may be forever): a
+    /// resend freeze, or a DrainLog freeze when the request is in the request log.
+    fn lock_wait(&self, delay: Duration, worker: bool, logged: bool) {
+        let gives_way = |phase: Phase| match phase {
+            Phase::Frozen(FreezeMode::Resend) => true,
+            Phase::Frozen(FreezeMode::DrainLog) => logged,
+            Phase::Frozen(FreezeMode::Drain) | Phase::Serving => false,
+        };
         let mut s = self.state.lock();
-        if s.phase != Phase::Frozen(FreezeMode::Resend) {
-            // A resend freeze wakes the waiter early so that the freeze does not wait.
+        if !gives_way(s.phase) {
+            // Such a freeze wakes the waiter early so that the freeze does not wait.
             let epoch = s.epoch;
             let _ = self.changed.wait_while_for(
                 &mut s,
-                |s| s.epoch == epoch && s.phase != Phase::Frozen(FreezeMode::Resend),
+                |s| s.epoch == epoch && !gives_way(s.phase),
                 delay,
             );
         }
-        if s.phase == Phase::Frozen(FreezeMode::Resend) {
+        if gives_way(s.phase) {
             s.executing -= 1;
             s.parked_requests += 1;
-            self.park_until_thaw(&mut s);
-            // Parked again if another resend freeze began before this thread woke.
-            while s.phase == Phase::Frozen(FreezeMode::Resend) {
-                self.park_until_thaw(&mut s);
+            self.park_until_thaw(&mut s, worker);
+            // Parked again if another such freeze began before this thread woke.
+            while gives_way(s.phase) {
+                self.park_until_thaw(&mut s, worker);
             }
             s.executing += 1;
         }
@@ -285,7 +338,7 @@ impl Gate {
         if s.epoch != ticket.epoch {
             return Err(FreezeError::Thawed);
         }
-        if ticket.mode == FreezeMode::Drain {
+        if matches!(ticket.mode, FreezeMode::Drain | FreezeMode::DrainLog) {
             if let Some(nudge) = nudge {
                 if s.parked < self.workers {
                     self.spawn_nudger(ticket.epoch, nudge)
@@ -296,7 +349,7 @@ impl Gate {
         let workers = self.workers;
         let done = |s: &State| match ticket.mode {
             FreezeMode::Resend => s.executing == 0,
-            FreezeMode::Drain => s.executing == 0 && s.parked >= workers,
+            FreezeMode::Drain | FreezeMode::DrainLog => s.executing == 0 && s.parked >= workers,
         };
         while s.epoch == ticket.epoch && !done(&s) {
             self.changed.wait(&mut s);
@@ -331,10 +384,11 @@ impl Gate {
                     let Some(g) = gate.upgrade() else { return };
                     {
                         let s = g.state.lock();
-                        if s.epoch != epoch
-                            || s.phase != Phase::Frozen(FreezeMode::Drain)
-                            || s.parked >= g.workers
-                        {
+                        let draining = matches!(
+                            s.phase,
+                            Phase::Frozen(FreezeMode::Drain | FreezeMode::DrainLog)
+                        );
+                        if s.epoch != epoch || !draining || s.parked >= g.workers {
                             return;
                         }
                     }
@@ -370,6 +424,12 @@ pub struct Pass<'g> {
     counted: bool,
     /// Whether the request is answered (FORGET is not): only answers fire the hook.
     replies: bool,
+    /// The kernel request's unique, marked answered in the request log on drop.
+    unique: Option<u64>,
+    /// Held by one of fuser's reader threads (else a recovery thread).
+    worker: bool,
+    /// The request is in the request log (a successor would find it).
+    logged: bool,
 }
 
 impl std::fmt::Debug for Pass<'_> {
@@ -395,13 +455,18 @@ impl Pass<'_> {
 
 impl LockWait for Pass<'_> {
     fn wait(&self, delay: Duration) {
-        self.gate.lock_wait(delay);
+        self.gate.lock_wait(delay, self.worker, self.logged);
     }
 }
 
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
-        self.gate.leave(self.counted, self.replies);
+        // The reply is out (or there is none): nothing in this thread's request log slot
+        // waits for an answer any more. Before leaving: a drain parks the thread there.
+        if let (Some(unique), true) = (self.unique, self.worker) {
+            super::reqlog::answered(unique);
+        }
+        self.gate.leave(self.counted, self.replies, self.worker);
     }
 }
 

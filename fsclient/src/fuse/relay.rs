@@ -17,7 +17,7 @@
 //! clone that nobody else holds is lost when this process dies (DESIGN.md §1).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use fuser::{Filesystem, Session, SessionACL};
 use handover_proto::fuse_init::{InitError, InitReply, InitRequest, MAX_INIT_LEN};
@@ -72,7 +72,6 @@ pub fn handshake<FS: Filesystem>(
     request: &[u8],
     threads: usize,
 ) -> Result<Handshaken<FS>, RelayError> {
-    let init = InitRequest::parse(request).map_err(RelayError::BadRequest)?;
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -80,14 +79,32 @@ pub fn handshake<FS: Filesystem>(
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(RelayError::Socketpair)?;
-    let written = nix::unistd::write(&ours, request).map_err(RelayError::WriteRequest)?;
+    // If fuser wants a second INIT (it does when the kernel's major is newer than its
+    // own), it reads end-of-file instead of waiting forever.
+    handshake_on(fs, request, threads, &ours, theirs, true)
+}
+
+/// Like [`handshake`], over a socketpair the caller made (`ours`, `theirs`), left open
+/// for writing when `!end_requests`: the session can then be run on it (never
+/// [`Handshaken::attach`]ed) and be fed requests through `ours`, its replies read there.
+/// The caller has shaken hands on the same connection already, with the same `request`.
+pub fn handshake_on<FS: Filesystem>(
+    fs: FS,
+    request: &[u8],
+    threads: usize,
+    ours: &OwnedFd,
+    theirs: OwnedFd,
+    end_requests: bool,
+) -> Result<Handshaken<FS>, RelayError> {
+    let init = InitRequest::parse(request).map_err(RelayError::BadRequest)?;
+    let written = nix::unistd::write(ours, request).map_err(RelayError::WriteRequest)?;
     if written != request.len() {
         return Err(RelayError::WriteRequest(Errno::EMSGSIZE));
     }
-    // If fuser wants a second INIT (it does when the kernel's major is newer than its
-    // own), it reads end-of-file instead of waiting forever.
-    nix::sys::socket::shutdown(ours.as_raw_fd(), Shutdown::Write)
-        .map_err(RelayError::WriteRequest)?;
+    if end_requests {
+        nix::sys::socket::shutdown(ours.as_raw_fd(), Shutdown::Write)
+            .map_err(RelayError::WriteRequest)?;
+    }
 
     let session = Session::from_fd(fs, theirs, SessionACL::All, session_config(threads))
         .map_err(RelayError::Handshake)?;
@@ -123,6 +140,13 @@ pub fn handshake<FS: Filesystem>(
         reply: buf,
         negotiated,
     })
+}
+
+impl<FS: Filesystem> Handshaken<FS> {
+    /// The session, still reading the relay socketpair (see [`handshake_on`]).
+    pub fn into_session(self) -> Session<FS> {
+        self.session
+    }
 }
 
 impl<FS: Filesystem> Handshaken<FS> {

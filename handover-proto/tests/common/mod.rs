@@ -7,7 +7,8 @@
 use std::path::PathBuf;
 
 use handover_proto::control::{
-    ClientHealth, ControlRequest, ControlResponse, MountStatus, UpgradeReport,
+    ClientHealth, ControlRequest, ControlResponse, FuseMode, MountDescription, MountStatus,
+    UpgradeReport,
 };
 use handover_proto::keeper::{FromKeeper, ToKeeper};
 use handover_proto::message::{
@@ -24,8 +25,19 @@ use proptest::strategy::ValueTree;
 // here, and the list beside the match is what the coverage tests compare against.
 
 pub const TO_CLIENT: &[&str] = &[
-    "Start", "Init", "Serve", "Shutdown", "PreFlush", "Freeze", "Thaw", "Commit", "State", "Adopt",
+    "Start",
+    "Init",
+    "Serve",
+    "Shutdown",
+    "PreFlush",
+    "Freeze",
+    "Thaw",
+    "Commit",
+    "State",
+    "Adopt",
     "Detach",
+    "RequestLog",
+    "SendRequestLog",
 ];
 
 pub fn to_client_name(m: &ToClient) -> &'static str {
@@ -41,6 +53,8 @@ pub fn to_client_name(m: &ToClient) -> &'static str {
         ToClient::State(_) => "State",
         ToClient::Adopt { .. } => "Adopt",
         ToClient::Detach => "Detach",
+        ToClient::RequestLog => "RequestLog",
+        ToClient::SendRequestLog => "SendRequestLog",
     }
 }
 
@@ -57,6 +71,7 @@ pub const TO_SUPERVISOR: &[&str] = &[
     "Thawed",
     "FirstServed",
     "Adopted",
+    "RequestLog",
 ];
 
 pub fn to_supervisor_name(m: &ToSupervisor) -> &'static str {
@@ -73,6 +88,7 @@ pub fn to_supervisor_name(m: &ToSupervisor) -> &'static str {
         ToSupervisor::Thawed => "Thawed",
         ToSupervisor::FirstServed { .. } => "FirstServed",
         ToSupervisor::Adopted(_) => "Adopted",
+        ToSupervisor::RequestLog { .. } => "RequestLog",
     }
 }
 
@@ -84,6 +100,7 @@ pub const CONTROL_REQUEST: &[&str] = &[
     "UpgradeSupervisor",
     "HandOver",
     "TookOver",
+    "Describe",
 ];
 
 pub fn control_request_name(m: &ControlRequest) -> &'static str {
@@ -95,6 +112,7 @@ pub fn control_request_name(m: &ControlRequest) -> &'static str {
         ControlRequest::UpgradeSupervisor { .. } => "UpgradeSupervisor",
         ControlRequest::HandOver { .. } => "HandOver",
         ControlRequest::TookOver => "TookOver",
+        ControlRequest::Describe => "Describe",
     }
 }
 
@@ -109,6 +127,7 @@ pub const CONTROL_RESPONSE: &[&str] = &[
     "SupervisorUpgraded",
     "HandingOver",
     "HandedOver",
+    "Description",
 ];
 
 pub fn control_response_name(m: &ControlResponse) -> &'static str {
@@ -123,19 +142,27 @@ pub fn control_response_name(m: &ControlResponse) -> &'static str {
         ControlResponse::SupervisorUpgraded { .. } => "SupervisorUpgraded",
         ControlResponse::HandingOver { .. } => "HandingOver",
         ControlResponse::HandedOver => "HandedOver",
+        ControlResponse::Description(_) => "Description",
     }
 }
 
-pub const TO_KEEPER: &[&str] = &["Deposit", "Withdraw"];
+pub const TO_KEEPER: &[&str] = &[
+    "Deposit",
+    "Withdraw",
+    "DepositRequestLog",
+    "WithdrawRequestLog",
+];
 
 pub fn to_keeper_name(m: &ToKeeper) -> &'static str {
     match m {
         ToKeeper::Deposit(_) => "Deposit",
         ToKeeper::Withdraw { .. } => "Withdraw",
+        ToKeeper::DepositRequestLog { .. } => "DepositRequestLog",
+        ToKeeper::WithdrawRequestLog { .. } => "WithdrawRequestLog",
     }
 }
 
-pub const FROM_KEEPER: &[&str] = &["Kept", "Refused", "Deposited", "Nothing"];
+pub const FROM_KEEPER: &[&str] = &["Kept", "Refused", "Deposited", "Nothing", "RequestLog"];
 
 pub fn from_keeper_name(m: &FromKeeper) -> &'static str {
     match m {
@@ -143,6 +170,7 @@ pub fn from_keeper_name(m: &FromKeeper) -> &'static str {
         FromKeeper::Refused { .. } => "Refused",
         FromKeeper::Deposited(_) => "Deposited",
         FromKeeper::Nothing => "Nothing",
+        FromKeeper::RequestLog => "RequestLog",
     }
 }
 
@@ -220,7 +248,11 @@ pub fn hello() -> impl Strategy<Value = Hello> {
 }
 
 pub fn freeze_mode() -> impl Strategy<Value = FreezeMode> {
-    prop_oneof![Just(FreezeMode::Resend), Just(FreezeMode::Drain)]
+    prop_oneof![
+        Just(FreezeMode::Resend),
+        Just(FreezeMode::Drain),
+        Just(FreezeMode::DrainLog)
+    ]
 }
 
 pub fn state_chunk() -> impl Strategy<Value = StateChunk> {
@@ -253,6 +285,8 @@ pub fn to_client() -> impl Strategy<Value = ToClient> {
         state_chunk().prop_map(ToClient::State),
         any::<u32>().prop_map(|supervisor_pid| ToClient::Adopt { supervisor_pid }),
         Just(ToClient::Detach),
+        Just(ToClient::RequestLog),
+        Just(ToClient::SendRequestLog),
     ]
 }
 
@@ -278,6 +312,7 @@ pub fn to_supervisor() -> impl Strategy<Value = ToSupervisor> {
         Just(ToSupervisor::Thawed),
         any::<u64>().prop_map(|monotonic_ns| ToSupervisor::FirstServed { monotonic_ns }),
         adoption().prop_map(|a| ToSupervisor::Adopted(Box::new(a))),
+        any::<bool>().prop_map(|held| ToSupervisor::RequestLog { held }),
     ]
 }
 
@@ -310,6 +345,8 @@ pub fn to_keeper() -> impl Strategy<Value = ToKeeper> {
     prop_oneof![
         adoption().prop_map(|a| ToKeeper::Deposit(Box::new(a))),
         path().prop_map(|mountpoint| ToKeeper::Withdraw { mountpoint }),
+        path().prop_map(|mountpoint| ToKeeper::DepositRequestLog { mountpoint }),
+        path().prop_map(|mountpoint| ToKeeper::WithdrawRequestLog { mountpoint }),
     ]
 }
 
@@ -319,6 +356,7 @@ pub fn from_keeper() -> impl Strategy<Value = FromKeeper> {
         Just(FromKeeper::Nothing),
         text(80).prop_map(|reason| FromKeeper::Refused { reason }),
         adoption().prop_map(|a| FromKeeper::Deposited(Box::new(a))),
+        Just(FromKeeper::RequestLog),
     ]
 }
 
@@ -329,6 +367,7 @@ pub fn control_request() -> impl Strategy<Value = ControlRequest> {
         Just(ControlRequest::Health),
         any::<u64>().prop_map(|timeout_ms| ControlRequest::HandOver { timeout_ms }),
         Just(ControlRequest::TookOver),
+        Just(ControlRequest::Describe),
         (path(), any::<u64>()).prop_map(|(binary, timeout_ms)| {
             ControlRequest::UpgradeSupervisor { binary, timeout_ms }
         }),
@@ -461,6 +500,16 @@ pub fn upgrade_report() -> impl Strategy<Value = UpgradeReport> {
         )
 }
 
+pub fn fuse_mode() -> impl Strategy<Value = FuseMode> {
+    (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+        |(kernel_resend, resend_disabled, request_log)| FuseMode {
+            kernel_resend,
+            resend_disabled,
+            request_log,
+        },
+    )
+}
+
 pub fn control_response() -> impl Strategy<Value = ControlResponse> {
     prop_oneof![
         proptest::option::of(text(50))
@@ -474,6 +523,13 @@ pub fn control_response() -> impl Strategy<Value = ControlResponse> {
         text(50).prop_map(|message| ControlResponse::Error { message }),
         (mount_status(), client_health())
             .prop_map(|(status, health)| ControlResponse::Health { status, health }),
+        (mount_status(), client_health(), fuse_mode()).prop_map(|(status, health, fuse)| {
+            ControlResponse::Description(Box::new(MountDescription {
+                status,
+                health,
+                fuse,
+            }))
+        }),
         (any::<u32>(), any::<u32>(), text(20)).prop_map(|(old_pid, new_pid, new_version)| {
             ControlResponse::SupervisorUpgraded {
                 old_pid,

@@ -168,7 +168,7 @@ fn requests(n: u32) -> String {
 fn mode(m: Option<FreezeMode>) -> &'static str {
     match m {
         Some(FreezeMode::Resend) => "resend mode",
-        Some(FreezeMode::Drain) => "drain mode",
+        Some(FreezeMode::Drain | FreezeMode::DrainLog) => "drain mode",
         None => "no mode chosen",
     }
 }
@@ -237,7 +237,7 @@ pub fn to_json(answer: &UpgradeAnswer) -> serde_json::Value {
         "new_version": r.new_version,
         "mode": r.mode.map(|m| match m {
             FreezeMode::Resend => "resend",
-            FreezeMode::Drain => "drain",
+            FreezeMode::Drain | FreezeMode::DrainLog => "drain",
         }),
         "pause_us": r.pause_us,
         "handed_over_requests": r.handed_over_requests,

@@ -30,7 +30,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use handover_proto::channel::{self, RecvError, SendError};
-use handover_proto::control::{ClientHealth, ControlRequest, ControlResponse, MountStatus};
+use handover_proto::control::{
+    ClientHealth, ControlRequest, ControlResponse, FuseMode, MountDescription, MountStatus,
+};
 use handover_proto::fdpass;
 use handover_proto::message::{Adoption, Generation, ToClient, ToSupervisor};
 use nix::errno::Errno;
@@ -146,6 +148,9 @@ pub struct DriverParts {
     pub timings: Timings,
     /// The mount's write journal, sent with every `Start`.
     pub journal: OwnedFd,
+    /// The mount's request log (`handover_proto::reqlog`), sent after `Prepared` to every
+    /// client that can use it.
+    pub request_log: OwnedFd,
 }
 
 #[derive(Debug)]
@@ -219,6 +224,7 @@ pub struct Driver {
     signals: SignalFd,
     fuse: OwnedFd,
     journal: OwnedFd,
+    request_log: OwnedFd,
     machine: Machine,
     clients: BTreeMap<Generation, Client>,
     client_args: Vec<String>,
@@ -255,13 +261,32 @@ impl Driver {
             metrics,
             timings,
             journal,
+            request_log,
         } = parts;
         let generation = first_info.generation;
+        let resend_disabled = match handover_proto::reqlog::read_header(request_log.as_fd()) {
+            Ok(h) => h.resend_disabled(),
+            Err(e) => {
+                tracing::error!(error = %chain(&e), "the request log is unusable: resend stays as the kernel offers it");
+                false
+            }
+        };
         let mut machine = Machine::new(
             first_info,
             init_request.clone(),
             init_reply.clone(),
             timings,
+        )
+        .with_request_log(resend_disabled);
+        tracing::info!(
+            kernel_resend = machine.kernel_resend(),
+            resend_disabled,
+            "{}",
+            if machine.resend() {
+                "FUSE_NOTIFY_RESEND in use"
+            } else {
+                "no FUSE_NOTIFY_RESEND: upgrades drain, crashes recover through the request log"
+            }
         );
         let mut clients = BTreeMap::new();
         match first {
@@ -295,6 +320,7 @@ impl Driver {
             signals,
             fuse,
             journal,
+            request_log,
             machine,
             clients,
             client_args,
@@ -362,10 +388,12 @@ impl Driver {
             journal: true,
         };
         let identity = kept.keeper.socket_identity();
-        match kept
-            .keeper
-            .deposit(adoption, self.fuse.as_fd(), Some(self.journal.as_fd()))
-        {
+        match kept.keeper.deposit(
+            adoption,
+            self.fuse.as_fd(),
+            Some(self.journal.as_fd()),
+            Some(self.request_log.as_fd()),
+        ) {
             Ok(()) => {
                 kept.holder = identity;
                 tracing::info!(generation = %serving.generation, "deposited with the descriptor keeper")
@@ -399,7 +427,7 @@ impl Driver {
             uptime_ms: u64::try_from(self.facts.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             fuse_minor: self.facts.fuse_minor,
             max_write: self.facts.max_write,
-            resend: self.machine.kernel_resend(),
+            resend: self.machine.resend(),
             upgrades: stats.upgrades,
             rollbacks: stats.rollbacks,
             restarts: stats.restarts,
@@ -407,6 +435,15 @@ impl Driver {
                 .last_pause
                 .map(|p| u64::try_from(p.as_micros()).unwrap_or(u64::MAX)),
             last_rollback: stats.last_rollback.clone(),
+        }
+    }
+
+    /// How the connection survives a client that dies or is replaced.
+    pub fn fuse_mode(&self) -> FuseMode {
+        FuseMode {
+            kernel_resend: self.machine.kernel_resend(),
+            resend_disabled: self.machine.resend_disabled(),
+            request_log: self.machine.has_request_log(),
         }
     }
 
@@ -742,8 +779,10 @@ impl Driver {
         while let Some((msg, with_fd)) = c.queue.front() {
             let fuse = self.fuse.as_fd();
             let journal = self.journal.as_fd();
+            let request_log = self.request_log.as_fd();
             let fds: &[BorrowedFd<'_>] = match msg {
                 ToClient::Start { .. } => &[journal],
+                ToClient::RequestLog => &[request_log],
                 _ if *with_fd => &[fuse],
                 _ => &[],
             };
@@ -891,6 +930,11 @@ impl Driver {
                 status: self.status(),
                 health: self.health(),
             },
+            ControlRequest::Describe => ControlResponse::Description(Box::new(MountDescription {
+                status: self.status(),
+                health: self.health(),
+                fuse: self.fuse_mode(),
+            })),
             ControlRequest::Upgrade {
                 binary,
                 timeout_ms,

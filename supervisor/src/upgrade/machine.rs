@@ -41,7 +41,9 @@ use std::sync::Arc;
 
 use handover_proto::control::UpgradeReport;
 use handover_proto::fuse_init::InitRequest;
-use handover_proto::message::{FreezeMode, Generation, MountSpec, ToClient, ToSupervisor};
+use handover_proto::message::{
+    FreezeMode, Generation, MountSpec, ToClient, ToSupervisor, capability,
+};
 use handover_proto::state::{self, Assembler};
 
 use super::negotiate::Agreement;
@@ -238,7 +240,12 @@ pub struct Machine {
     init_request: Vec<u8>,
     init_reply: Vec<u8>,
     init_unique: u64,
+    /// The kernel offered FUSE_HAS_RESEND.
     kernel_resend: bool,
+    /// The mount was made with `--no-resend` (its request log says so).
+    resend_disabled: bool,
+    /// The supervisor holds a request log: clients that can use it are sent it.
+    request_log: bool,
     /// The client last told to serve (the first one was, at the first mount).
     serving: ClientInfo,
     next_gen: Generation,
@@ -281,6 +288,8 @@ impl Machine {
             timings,
             init_unique: parsed.map_or(0, |r| r.unique),
             kernel_resend: parsed.is_some_and(|r| r.has_resend()),
+            resend_disabled: false,
+            request_log: false,
             init_request,
             init_reply,
             readers: alive.clone(),
@@ -332,9 +341,36 @@ impl Machine {
         &self.stats
     }
 
+    /// The supervisor holds the mount's request log (`handover_proto::reqlog`), made
+    /// with `--no-resend` if `resend_disabled`: every client that announces the
+    /// request-log capability is sent it right after its `Prepared`, and without resend
+    /// an upgrade whose two clients can use it freezes in DrainLog mode.
+    pub fn with_request_log(mut self, resend_disabled: bool) -> Machine {
+        self.request_log = true;
+        self.resend_disabled = resend_disabled;
+        self
+    }
+
     /// Whether the kernel offered FUSE_NOTIFY_RESEND.
     pub fn kernel_resend(&self) -> bool {
         self.kernel_resend
+    }
+
+    /// Whether the mount was made with `--no-resend`.
+    pub fn resend_disabled(&self) -> bool {
+        self.resend_disabled
+    }
+
+    /// Whether the supervisor holds a request log for its clients.
+    pub fn has_request_log(&self) -> bool {
+        self.request_log
+    }
+
+    /// Whether FUSE_NOTIFY_RESEND is used: the kernel offered it and the mount was not
+    /// made with `--no-resend`. Else upgrades drain and a successor answers from the
+    /// request log what a dead client had read.
+    pub fn resend(&self) -> bool {
+        self.kernel_resend && !self.resend_disabled
     }
 
     pub fn phase(&self) -> PhaseKind {
@@ -396,6 +432,18 @@ impl Machine {
 
     /// A message from client `from`.
     pub fn handle_message(&mut self, now: Timestamp, from: Generation, msg: ToSupervisor) {
+        if let ToSupervisor::Prepared { hello, .. } = &msg {
+            // Before anything the step sends it: a client uses the log only once it
+            // serves, and needs it by then.
+            if self.request_log
+                && hello
+                    .capabilities
+                    .iter()
+                    .any(|c| c == capability::REQUEST_LOG)
+            {
+                self.send(from, ToClient::RequestLog);
+            }
+        }
         self.step(now, Input::Message(from, msg));
     }
 
@@ -531,7 +579,11 @@ impl Machine {
             old_version: up.old.version.clone(),
             new_generation: serving.generation,
             new_version: serving.version.clone(),
-            mode: up.mode,
+            // DrainLog is a drain: reported as one, so that every CLI reads the report.
+            mode: up.mode.map(|m| match m {
+                FreezeMode::DrainLog => FreezeMode::Drain,
+                m => m,
+            }),
             pause_us: up
                 .freeze_at
                 .map_or(0, |f| micros(pause_end.saturating_since(f))),
@@ -585,7 +637,8 @@ impl Machine {
                 | ToSupervisor::FreezeFailed { .. }
                 | ToSupervisor::Thawed
                 | ToSupervisor::FirstServed { .. }
-                | ToSupervisor::Adopted(_) => {
+                | ToSupervisor::Adopted(_)
+                | ToSupervisor::RequestLog { .. } => {
                     tracing::debug!(message = %short(&msg), "ignoring a message from the serving client");
                     Phase::Idle
                 }

@@ -41,13 +41,16 @@ fn has(h: &Hello, cap: &str) -> bool {
 }
 
 /// Intersects the two clients' hellos: the newest common state version, and resend mode
-/// when the kernel offered FUSE_HAS_RESEND, both can park, and drain was not forced;
-/// drain mode when both can drain; otherwise no handover.
+/// when resend is in use (`resend`: the kernel offered FUSE_HAS_RESEND and the mount was
+/// not made with `--no-resend`), both can park, and drain was not forced; drain mode when
+/// both can drain — DrainLog when the supervisor holds a request log (`request_log`) and
+/// both can use it; otherwise no handover.
 pub fn negotiate(
     old: &Hello,
     new: &Hello,
-    kernel_resend: bool,
+    resend: bool,
     force_drain: bool,
+    request_log: bool,
 ) -> Result<Agreement, Mismatch> {
     if !has(new, capability::TAKEOVER) {
         return Err(Mismatch::NoTakeover {
@@ -65,15 +68,19 @@ pub fn negotiate(
             new: new.state_versions.clone(),
         })?;
     let both = |cap| has(old, cap) && has(new, cap);
-    let mode = if kernel_resend && !force_drain && both(capability::PARK_RESEND) {
+    let mode = if resend && !force_drain && both(capability::PARK_RESEND) {
         FreezeMode::Resend
     } else if both(capability::DRAIN) {
-        FreezeMode::Drain
+        if request_log && both(capability::REQUEST_LOG) {
+            FreezeMode::DrainLog
+        } else {
+            FreezeMode::Drain
+        }
     } else {
         let why = if force_drain {
             "drain was forced"
-        } else if !kernel_resend {
-            "the kernel does not offer resend"
+        } else if !resend {
+            "resend is not in use (the kernel does not offer it, or --no-resend)"
         } else {
             "neither park-resend nor drain on both sides"
         };
@@ -167,6 +174,7 @@ mod tests {
             &hello(&[2, 3, 4], ALL),
             true,
             false,
+            true,
         );
         assert_eq!(
             a,
@@ -184,15 +192,55 @@ mod tests {
             state_version: 1,
         });
         assert_eq!(
-            negotiate(&hello(&[1], ALL), &hello(&[1], ALL), false, false),
+            negotiate(&hello(&[1], ALL), &hello(&[1], ALL), false, false, false),
             drain
         );
         assert_eq!(
-            negotiate(&hello(&[1], ALL), &hello(&[1], ALL), true, true),
+            negotiate(&hello(&[1], ALL), &hello(&[1], ALL), true, true, false),
             drain
         );
         let no_park = hello(&[1], &[capability::DRAIN, capability::TAKEOVER]);
-        assert_eq!(negotiate(&no_park, &hello(&[1], ALL), true, false), drain);
+        assert_eq!(
+            negotiate(&no_park, &hello(&[1], ALL), true, false, false),
+            drain
+        );
+    }
+
+    #[test]
+    fn drain_hands_lock_waits_over_through_the_request_log_when_both_can() {
+        let logged: Vec<&str> = ALL
+            .iter()
+            .copied()
+            .chain([capability::REQUEST_LOG])
+            .collect();
+        let a = negotiate(
+            &hello(&[1], &logged),
+            &hello(&[1], &logged),
+            false,
+            false,
+            true,
+        );
+        assert_eq!(a.map(|a| a.mode), Ok(FreezeMode::DrainLog));
+        // Not without the supervisor's log, nor when one side cannot use it.
+        let a = negotiate(
+            &hello(&[1], &logged),
+            &hello(&[1], &logged),
+            false,
+            false,
+            false,
+        );
+        assert_eq!(a.map(|a| a.mode), Ok(FreezeMode::Drain));
+        let a = negotiate(&hello(&[1], ALL), &hello(&[1], &logged), false, false, true);
+        assert_eq!(a.map(|a| a.mode), Ok(FreezeMode::Drain));
+        // Resend stays resend.
+        let a = negotiate(
+            &hello(&[1], &logged),
+            &hello(&[1], &logged),
+            true,
+            false,
+            true,
+        );
+        assert_eq!(a.map(|a| a.mode), Ok(FreezeMode::Resend));
     }
 
     #[test]
@@ -202,17 +250,18 @@ mod tests {
                 &hello(&[1], ALL),
                 &hello(&[1], &[capability::DRAIN]),
                 true,
+                false,
                 false
             ),
             Err(Mismatch::NoTakeover { .. })
         ));
-        let e = negotiate(&hello(&[1], ALL), &hello(&[2], ALL), true, false).unwrap_err();
+        let e = negotiate(&hello(&[1], ALL), &hello(&[2], ALL), true, false, false).unwrap_err();
         assert!(e.to_string().contains("state version mismatch"), "{e}");
         // Resend only on one side and no drain: nothing in common without kernel resend.
         let park_only = hello(&[1], &[capability::PARK_RESEND, capability::TAKEOVER]);
-        let e = negotiate(&park_only, &park_only, false, false).unwrap_err();
-        assert!(e.to_string().contains("does not offer resend"), "{e}");
-        let e = negotiate(&park_only, &park_only, true, true).unwrap_err();
+        let e = negotiate(&park_only, &park_only, false, false, false).unwrap_err();
+        assert!(e.to_string().contains("does not offer it"), "{e}");
+        let e = negotiate(&park_only, &park_only, true, true, false).unwrap_err();
         assert!(e.to_string().contains("drain was forced"), "{e}");
     }
 

@@ -8,12 +8,12 @@
 use std::process::ExitCode;
 
 use fsclient::client::{self, BuildInfo};
-use fsclient::fuse::prefault::PrefaultingAlloc;
+use fsclient::fuse::buffers::RequestBufferAlloc;
 use upgrade_tests::inject::{self, ALT_ONLY_CAPABILITY};
 
-/// Like `baton-fs`: fuser's request buffers stay resident (`fsclient::fuse::prefault`).
+/// Like `baton-fs`: fuser's request buffers are in the request log (`fsclient::fuse::buffers`).
 #[global_allocator]
-static ALLOC: PrefaultingAlloc = PrefaultingAlloc;
+static ALLOC: RequestBufferAlloc = RequestBufferAlloc;
 
 fn main() -> ExitCode {
     let (alt, faults) = match inject::from_env() {

@@ -167,7 +167,8 @@ impl Machine {
                 | ToSupervisor::FreezeFailed { .. }
                 | ToSupervisor::Thawed
                 | ToSupervisor::FirstServed { .. }
-                | ToSupervisor::Adopted(_)),
+                | ToSupervisor::Adopted(_)
+                | ToSupervisor::RequestLog { .. }),
             ) => {
                 tracing::warn!(message = %short(&msg), waiting_for = step.name(), "ignoring an unexpected message from the old client");
                 up.step = step;
@@ -198,8 +199,9 @@ impl Machine {
                 let agreement = match negotiate::negotiate(
                     &up.old.hello,
                     &hello,
-                    self.kernel_resend,
+                    self.resend(),
                     up.force_drain,
+                    self.request_log,
                 ) {
                     Ok(a) => a,
                     Err(e) => return self.rollback(now, up, e.to_string()),
@@ -263,7 +265,8 @@ impl Machine {
                 | ToSupervisor::FreezeFailed { .. }
                 | ToSupervisor::Thawed
                 | ToSupervisor::FirstServed { .. }
-                | ToSupervisor::Adopted(_)),
+                | ToSupervisor::Adopted(_)
+                | ToSupervisor::RequestLog { .. }),
             ) => {
                 let reason = format!(
                     "protocol error: the new client sent {} while the supervisor waited for {}",

@@ -379,7 +379,7 @@ impl Machine {
             ) if g == info.generation => {
                 match negotiate::compare_init_reply(&self.init_reply, &reply, self.init_unique) {
                     Ok(()) => {
-                        self.resend_and_serve(&info, self.kernel_resend);
+                        self.resend_and_serve(&info, self.resend());
                         r.step = RestartStep::Confirming {
                             info,
                             serve_at: now,

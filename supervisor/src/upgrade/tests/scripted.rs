@@ -57,6 +57,8 @@ fn upgrade_in_resend_mode_follows_the_protocol_order() {
     assert_eq!(
         order,
         vec![
+            // Right after the new client's Prepared: the log it will read into.
+            (2, "RequestLog"),
             (1, "PreFlush"),
             (1, "Freeze(resend)"),
             (2, "Init"),
@@ -120,8 +122,20 @@ fn drain_mode_without_kernel_resend_and_when_forced() {
             "resend {resend} force {force}"
         );
         assert!(!sim.seen.contains(&Seen::Resend), "no RESEND in drain mode");
-        assert!(sim.sent().contains(&(1, "Freeze(drain)")));
+        // Both clients read into the supervisor's request log: a lock wait is handed
+        // over through it.
+        assert!(sim.sent().contains(&(1, "Freeze(drain-log)")));
     }
+    // A successor that cannot use the log: a plain drain.
+    let mut old_build = Script::ack("2.0");
+    old_build
+        .hello
+        .capabilities
+        .retain(|c| c != capability::REQUEST_LOG);
+    let sim = upgrade_with(old_build, false, false);
+    assert_eq!(upgraded(&sim).mode, Some(FreezeMode::Drain));
+    assert!(sim.sent().contains(&(1, "Freeze(drain)")));
+    assert!(!sim.sent().contains(&(2, "RequestLog")));
 }
 
 #[test]
@@ -554,7 +568,7 @@ fn serving_client_crash_outside_an_upgrade_restarts_it_at_once_without_a_state()
             _ => None,
         })
         .collect();
-    assert_eq!(to_2, vec!["Init", "RESEND", "Serve"]);
+    assert_eq!(to_2, vec!["RequestLog", "Init", "RESEND", "Serve"]);
     assert!(sim.reports().is_empty());
     let stats = sim.m.stats();
     assert_eq!(stats.restarts, 1);

@@ -72,6 +72,7 @@ pub fn hello_all() -> Hello {
             capability::PARK_RESEND,
             capability::DRAIN,
             capability::TAKEOVER,
+            capability::REQUEST_LOG,
         ]
         .iter()
         .map(|c| c.to_string())
@@ -114,6 +115,9 @@ pub struct Fake {
     pub exported_all: bool,
     pub got_state: Vec<u8>,
     pub got_init: bool,
+    /// Answered `Start` with `Prepared`.
+    pub prepared: bool,
+    pub got_request_log: bool,
     pub inbox: VecDeque<ToClient>,
     pub outbox: VecDeque<ToSupervisor>,
     pub generation: Generation,
@@ -133,6 +137,8 @@ impl Fake {
             exported_all: false,
             got_state: Vec::new(),
             got_init: false,
+            prepared: false,
+            got_request_log: false,
             inbox: VecDeque::new(),
             outbox: VecDeque::new(),
             generation,
@@ -245,11 +251,17 @@ fn name(msg: &ToClient) -> &'static str {
             mode: FreezeMode::Drain,
             ..
         } => "Freeze(drain)",
+        ToClient::Freeze {
+            mode: FreezeMode::DrainLog,
+            ..
+        } => "Freeze(drain-log)",
         ToClient::Thaw => "Thaw",
         ToClient::Commit => "Commit",
         ToClient::State(_) => "State",
         ToClient::Adopt { .. } => "Adopt",
         ToClient::Detach => "Detach",
+        ToClient::RequestLog => "RequestLog",
+        ToClient::SendRequestLog => "SendRequestLog",
     }
 }
 
@@ -269,7 +281,8 @@ impl Sim {
             spec: spec(),
         };
         let now = Timestamp(1_000_000_000);
-        let m = Machine::new(info, init_request(resend), init_reply(1 << 20), timings);
+        let m = Machine::new(info, init_request(resend), init_reply(1 << 20), timings)
+            .with_request_log(false);
         let mut fake = Fake::new(Generation(1), OLD_BINARY.into(), first);
         fake.reading = true;
         fake.got_init = true;
@@ -392,6 +405,41 @@ impl Sim {
                     matches!(msg, ToClient::Init { .. }),
                     "the fd travels with Init and nothing else"
                 );
+                if matches!(msg, ToClient::RequestLog) {
+                    let f = &self.fakes[&to];
+                    assert!(
+                        f.prepared && !f.got_init && f.got_state.is_empty(),
+                        "RequestLog to {to} must come after its Prepared and before its state and Init"
+                    );
+                    assert!(!f.got_request_log, "RequestLog to {to} twice");
+                    assert!(
+                        f.script
+                            .hello
+                            .capabilities
+                            .iter()
+                            .any(|c| c == capability::REQUEST_LOG),
+                        "RequestLog to {to}, which does not announce the capability"
+                    );
+                }
+                if let ToClient::Freeze {
+                    mode: FreezeMode::DrainLog,
+                    ..
+                } = &msg
+                {
+                    let announce = |g: &Generation| {
+                        self.fakes.get(g).is_some_and(|f| {
+                            f.script
+                                .hello
+                                .capabilities
+                                .iter()
+                                .any(|c| c == capability::REQUEST_LOG)
+                        })
+                    };
+                    assert!(
+                        announce(&to),
+                        "DrainLog freeze of {to}, which cannot use the log"
+                    );
+                }
                 if matches!(msg, ToClient::Serve) {
                     let readers = self.readers();
                     assert!(
@@ -479,7 +527,11 @@ impl Sim {
             ToClient::Commit => Some(Point::Commit),
             ToClient::Serve => Some(Point::Serve),
             ToClient::Thaw => Some(Point::Thaw),
-            ToClient::Shutdown | ToClient::Adopt { .. } | ToClient::Detach => None,
+            ToClient::Shutdown
+            | ToClient::Adopt { .. }
+            | ToClient::Detach
+            | ToClient::RequestLog
+            | ToClient::SendRequestLog => None,
         };
         let fault = f
             .script
@@ -515,6 +567,7 @@ impl Sim {
         }
         match msg {
             ToClient::Start { resume_session, .. } => {
+                f.prepared = true;
                 f.outbox.push_back(ToSupervisor::Prepared {
                     pid: 1000 + g.0 as u32,
                     version: f.script.version.clone(),
@@ -580,9 +633,10 @@ impl Sim {
                     .push_back(ToSupervisor::ShutdownDone { error: None });
                 f.die(ExitInfo::Code(0));
             }
-            // Never sent by the machine (the driver sends Detach; Adopt travels on the
-            // adopt socket): a real client would not answer either.
-            ToClient::Adopt { .. } | ToClient::Detach => {}
+            ToClient::RequestLog => f.got_request_log = true,
+            // Never sent by the machine (the driver sends Detach; Adopt and SendRequestLog
+            // travel on the adopt socket): a real client would not answer either.
+            ToClient::Adopt { .. } | ToClient::Detach | ToClient::SendRequestLog => {}
         }
         true
     }
