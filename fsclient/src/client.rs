@@ -412,7 +412,16 @@ struct Client {
     journal: Option<Arc<OwnedFd>>,
     /// The mount's request log (`ToClient::RequestLog`), and a descriptor of it kept for a
     /// supervisor that adopts this client.
-    request_log: Option<(Option<(RequestLog, Vec<u32>)>, Arc<OwnedFd>)>,
+    request_log: Option<HeldLog>,
+}
+
+/// The mount's request log as a client holds it.
+struct HeldLog {
+    /// For a supervisor that adopts this client.
+    fd: Arc<OwnedFd>,
+    /// Mapped, with the slots reserved for the reader threads, until `Serve` uses it
+    /// (`None` after that, or if the log is unusable).
+    unused: Option<(RequestLog, Vec<u32>)>,
 }
 
 impl Client {
@@ -627,7 +636,7 @@ impl Client {
                 })
                 .map(|_| ())
         };
-        match self.request_log.as_mut().and_then(|(log, _)| log.take()) {
+        match self.request_log.as_mut().and_then(|h| h.unused.take()) {
             Some((log, slots)) => {
                 // What a dead predecessor left unanswered is found before this process
                 // reads anything; its reader threads then read into the log.
@@ -730,11 +739,17 @@ impl Client {
                 // Now, not at Serve: zeroing the slots is not part of any pause.
                 let slots = log.reserve(self.spec.threads.max(1) as usize, std::process::id());
                 tracing::debug!(header = ?log.header(), slots = slots.len(), "request log received");
-                self.request_log = Some((Some((log, slots)), keep));
+                self.request_log = Some(HeldLog {
+                    fd: keep,
+                    unused: Some((log, slots)),
+                });
             }
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "the request log is unusable: requests are lost if this client dies without resend");
-                self.request_log = Some((None, keep));
+                self.request_log = Some(HeldLog {
+                    fd: keep,
+                    unused: None,
+                });
             }
         }
     }
@@ -833,7 +848,7 @@ impl Client {
                     tracing::error!("Commit while not frozen: ignored, serving on");
                 }
                 Event::FromSupervisor(ToClient::SendRequestLog) => {
-                    let log = self.request_log.as_ref().map(|(_, fd)| fd.clone());
+                    let log = self.request_log.as_ref().map(|h| h.fd.clone());
                     let fds: Vec<BorrowedFd<'_>> = log.iter().map(|fd| fd.as_fd()).collect();
                     let msg = ToSupervisor::RequestLog {
                         held: !fds.is_empty(),

@@ -3,7 +3,9 @@
 //! alone under a job of the user's (nothing written), kills of the serving client at
 //! random moments (≥ 50), and a run whose upgrades cannot happen (exit status 1). Then a
 //! kill at every step of the upgrade protocol, on the old and on the new client, under
-//! the workload.
+//! the workload. The kills and the kill at every step run again without
+//! FUSE_NOTIFY_RESEND (`--no-resend`, as on kernels before 6.9), the kills on the embedded
+//! engine and on Redis.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -12,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::Resend;
 use testkit::mount::{MountOptions, TestMount, baton_bin};
 use upgrade_tests::baton_cli::Upgrade;
 use upgrade_tests::inject::ENV_CRASH_ON;
@@ -263,10 +266,38 @@ const KILLS: u64 = 50;
 #[test]
 fn fifty_kills_at_random_moments_under_the_workload() {
     let m = TestMount::new(&MountOptions::default()).unwrap();
-    let s0 = common::status(&m);
+    fifty_kills(&m, 12);
+    m.umount().unwrap();
+}
+
+/// The same without FUSE_NOTIFY_RESEND: every successor answers from the request log what
+/// its predecessor had read.
+#[test]
+fn fifty_kills_at_random_moments_without_resend() {
+    let m = TestMount::new(&Resend::Disabled.mount(MountOptions::default())).unwrap();
+    fifty_kills(&m, 15);
+    common::assert_resend_mode(&m, Resend::Disabled);
+    common::wait_answered_from_log(&m, 0);
+    let (times, requests) = common::answered_from_log(&m);
+    println!("{times} successors answered {requests} requests from the request log");
+    assert!(times > 0, "no kill left a request in the request log");
+    m.umount().unwrap();
+}
+
+/// The same without FUSE_NOTIFY_RESEND on a volume whose metadata is in Redis.
+#[test]
+fn fifty_kills_at_random_moments_on_redis_without_resend() {
+    let (_redis, _dir, m) = common::redis_mount("chaos", Resend::Disabled.args());
+    fifty_kills(&m, 16);
+    common::assert_resend_mode(&m, Resend::Disabled);
+    m.umount().unwrap();
+}
+
+fn fifty_kills(m: &TestMount, seed: u64) {
+    let s0 = common::status(m);
     let kills = KILLS.to_string();
     let r = chaos(
-        &m,
+        m,
         &[
             "--duration",
             "10m",
@@ -276,16 +307,15 @@ fn fifty_kills_at_random_moments_under_the_workload() {
             &kills,
             "--small",
             "--seed",
-            "12",
+            &seed.to_string(),
         ],
     );
     r.assert_clean();
     assert_eq!(r.num("kills"), KILLS);
     assert_faults_ok(&r, "kill", KILLS);
     assert!(r.num("records_acknowledged") > 0, "{}", r.text);
-    let s = common::status(&m);
+    let s = common::status(m);
     assert!(s.restarts >= s0.restarts + KILLS, "{:?}", s.json);
-    m.umount().unwrap();
 }
 
 /// Kills and upgrades mixed, under the training profile.
@@ -369,8 +399,24 @@ fn wait_serving(m: &TestMount, run: &upgrade_tests::workload::Running, step: &st
 /// error and loses no record.
 #[test]
 fn a_kill_at_every_step_of_the_upgrade_protocol() {
+    kill_at_every_step(Resend::Kernel);
+}
+
+/// The same without FUSE_NOTIFY_RESEND: the upgrades drain (handing lock waits over
+/// through the request log), and the kills are answered from it.
+#[test]
+fn a_kill_at_every_step_of_the_upgrade_protocol_without_resend() {
+    kill_at_every_step(Resend::Disabled);
+}
+
+fn kill_at_every_step(mode: Resend) {
     common::require_upgrade();
-    let m = TestMount::new(&MountOptions::default()).unwrap();
+    // The two variants run at once: their armed processes have names of their own.
+    let tag = match mode {
+        Resend::Kernel => "",
+        Resend::Disabled => "nr-",
+    };
+    let m = TestMount::new(&mode.mount(MountOptions::default())).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let run = common::start_workload(&m, 14);
     let to = |binary: PathBuf| Upgrade {
@@ -391,7 +437,7 @@ fn a_kill_at_every_step_of_the_upgrade_protocol() {
     .into_iter()
     .enumerate()
     {
-        let name = format!("old-dies-{i}");
+        let name = format!("{tag}old-dies-{i}");
         let armed = armed_once(dir.path(), &name, at);
         // It becomes the serving client (the trigger is a message only an old client
         // sees)...
@@ -425,7 +471,7 @@ fn a_kill_at_every_step_of_the_upgrade_protocol() {
     .into_iter()
     .enumerate()
     {
-        let armed = armed_once(dir.path(), &format!("new-dies-{i}"), at);
+        let armed = armed_once(dir.path(), &format!("{tag}new-dies-{i}"), at);
         let out = common::upgrade(&m, &to(armed));
         let step = format!("new client killed at {at}");
         let s = wait_serving(&m, &run, &step);
@@ -447,8 +493,11 @@ fn a_kill_at_every_step_of_the_upgrade_protocol() {
     // The serving client is the plain build again; no process of an armed build is left.
     let last = common::status(&m);
     assert!(!last.client_version.ends_with("-alt"), "{:?}", last.json);
-    for name in ["baton-old-dies-", "baton-new-dies-"] {
-        assert_eq!(common::processes_named(name), Vec::<u32>::new(), "{name}*");
+    for name in [
+        format!("baton-{tag}old-dies-"),
+        format!("baton-{tag}new-dies-"),
+    ] {
+        assert_eq!(common::processes_named(&name), Vec::<u32>::new(), "{name}*");
     }
     m.umount().unwrap();
 }

@@ -1,10 +1,14 @@
 //! Crashes of the client on real mounts: `kill -9` of the serving client (its pid from
 //! `baton status --json`) under the verifying workload, open descriptors of every kind
 //! kept across a kill, and a crash loop that an operator ends with `baton upgrade
-//! --binary`. The application must see nothing but a pause.
+//! --binary`. The application must see nothing but a pause. The kills run both with the
+//! kernel's FUSE_NOTIFY_RESEND and without it (`--no-resend`, as on kernels before 6.9:
+//! the successor answers from the request log what the dead client had read).
 #![allow(clippy::unwrap_used)]
 
 mod common;
+
+use common::{PATIENCE, kill9, wait_replaced};
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -13,52 +17,34 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::Resend;
 use testkit::mount::{MountOptions, TestMount};
-use testkit::redis::RedisServer;
-use upgrade_tests::baton_cli::{Status, Upgrade};
+use upgrade_tests::baton_cli::Upgrade;
 
 const KILLS: usize = 20;
-/// How long a test waits for something that should take milliseconds before it gives up
-/// (a bound on the wait, not a measurement).
-const PATIENCE: Duration = Duration::from_secs(60);
-
-fn kill9(pid: u64) {
-    assert!(pid > 1, "no client pid to kill");
-    // SAFETY: kill(2) has no memory effects; the pid is the client `baton status` names.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    assert_eq!(rc, 0, "kill -9 {pid}: {}", std::io::Error::last_os_error());
-}
-
-/// Waits until a client other than `dead` serves the mount.
-fn wait_replaced(m: &TestMount, dead: &Status) -> Status {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let s = common::status(m);
-        let state = s.json["state"].as_str().unwrap_or("").to_string();
-        if state == "serving" && s.client_pid != 0 && s.client_pid != dead.client_pid {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no client replaced pid {} within {PATIENCE:?}: {}",
-            dead.client_pid,
-            s.json
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// `KILLS` kills of the serving client while the verifying workload runs: every kill is
 /// followed by a new client, and the application sees no error and loses no record.
 #[test]
 fn twenty_kills_under_the_workload() {
-    let m = TestMount::new(&MountOptions::default()).unwrap();
+    kills_under_the_workload(Resend::Kernel);
+}
+
+/// The same without FUSE_NOTIFY_RESEND: what each dead client had read is answered from
+/// the request log.
+#[test]
+fn twenty_kills_under_the_workload_without_resend() {
+    kills_under_the_workload(Resend::Disabled);
+}
+
+fn kills_under_the_workload(mode: Resend) {
+    let m = TestMount::new(&mode.mount(MountOptions::default())).unwrap();
     let first = common::status(&m);
     assert!(
-        first.resend,
+        first.json["kernel_resend"] == true,
         "the kernel did not offer FUSE_HAS_RESEND: {}",
         first.json
     );
+    common::assert_resend_mode(&m, mode);
     let run = common::start_workload(&m, 201);
     let mut prev = first.clone();
     let mut failure = None;
@@ -121,6 +107,18 @@ fn twenty_kills_under_the_workload() {
         "{}",
         last.json
     );
+    common::assert_resend_mode(&m, mode);
+    if mode == Resend::Disabled {
+        common::wait_answered_from_log(&m, 0);
+    }
+    let (times, requests) = common::answered_from_log(&m);
+    println!("{times} successors answered {requests} requests from the request log");
+    match mode {
+        Resend::Kernel => assert_eq!(times, 0, "the kernel resends: nothing from the log"),
+        // Four application threads always have requests in flight: a kill that found
+        // none in twenty would mean the log is not where requests are read.
+        Resend::Disabled => assert!(times > 0, "no kill left a request in the log"),
+    }
     m.umount().unwrap();
 }
 
@@ -179,40 +177,21 @@ fn names_of(dir: &Path) -> Vec<String> {
 /// and freed at its last close).
 #[test]
 fn open_descriptors_of_every_kind_survive_a_kill() {
-    let m = TestMount::new(&MountOptions::default()).unwrap();
-    descriptors_survive_kills(&m);
-    m.umount().unwrap();
+    for mode in Resend::BOTH {
+        let m = TestMount::new(&mode.mount(MountOptions::default())).unwrap();
+        descriptors_survive_kills(&m);
+        m.umount().unwrap();
+    }
 }
 
 /// The same on a volume whose metadata (locks, open-but-unlinked files) is in Redis.
 #[test]
 fn open_descriptors_survive_a_kill_on_a_redis_volume() {
-    let redis = RedisServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    let meta = redis.url(2);
-    let storage = format!("fs://{}/objects", dir.path().display());
-    let out = testkit::mount::baton(
-        &home,
-        &["format", "crash", "--meta", &meta, "--storage", &storage],
-    )
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "format failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let m = TestMount::at(
-        &home,
-        &dir.path().join("mnt"),
-        &MountOptions {
-            meta: Some(meta),
-            args: Vec::new(),
-        },
-    )
-    .unwrap();
-    descriptors_survive_kills(&m);
-    m.umount().unwrap();
+    for mode in Resend::BOTH {
+        let (_redis, _dir, m) = common::redis_mount("crash", mode.args());
+        descriptors_survive_kills(&m);
+        m.umount().unwrap();
+    }
 }
 
 fn descriptors_survive_kills(m: &TestMount) {
@@ -408,16 +387,7 @@ fn descriptors_survive_kills(m: &TestMount) {
     );
 }
 
-/// Everything the mount's supervisor and clients logged (`$BATON_HOME/log`).
-fn logs(m: &TestMount) -> String {
-    let mut out = String::new();
-    if let Ok(dir) = std::fs::read_dir(m.home.join("log")) {
-        for e in dir.flatten() {
-            out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
-        }
-    }
-    out
-}
+use common::logs;
 
 /// A client binary that dies at start while `flag` exists: a wrapper around `baton-fs`
 /// that SIGKILLs itself.
@@ -548,7 +518,23 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 #[test]
 fn unsynced_writes_survive_a_kill() {
     let m = TestMount::new(&MountOptions::default()).unwrap();
-    let before = common::status(&m);
+    unsynced_writes_survive(&m);
+    m.umount().unwrap();
+}
+
+/// The same without FUSE_NOTIFY_RESEND, on the embedded engine and on Redis.
+#[test]
+fn unsynced_writes_survive_a_kill_without_resend() {
+    let m = TestMount::new(&Resend::Disabled.mount(MountOptions::default())).unwrap();
+    unsynced_writes_survive(&m);
+    m.umount().unwrap();
+    let (_redis, _dir, m) = common::redis_mount("crash", Resend::Disabled.args());
+    unsynced_writes_survive(&m);
+    m.umount().unwrap();
+}
+
+fn unsynced_writes_survive(m: &TestMount) {
+    let before = common::status(m);
     const LEN: usize = 9 << 20; // two full 4 MiB blocks and a partial one
     let mut expected = pattern(7, LEN);
     let mut f = OpenOptions::new()
@@ -576,7 +562,7 @@ fn unsynced_writes_survive_a_kill() {
     g.write_all_at(&sparse_tail, 5_000_000).unwrap();
 
     kill9(before.client_pid);
-    wait_replaced(&m, &before);
+    wait_replaced(m, &before);
 
     // The writer goes on through its descriptor.
     f.write_all_at(b"after the kill", 0).unwrap();
@@ -599,10 +585,9 @@ fn unsynced_writes_survive_a_kill() {
         got[5_000_000..] == sparse_tail[..],
         "sparse file tail differs"
     );
-    let log = logs(&m);
+    let log = logs(m);
     assert!(
         log.contains("replayed acknowledged writes a previous client left in the write journal"),
         "the successor replayed nothing: the test did not reach the journal\n{log}"
     );
-    m.umount().unwrap();
 }

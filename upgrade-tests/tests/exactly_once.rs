@@ -1,9 +1,11 @@
 //! Exactly once after a crash, end to end: for every mutating operation, the client is
 //! made to abort right after the operation committed and before its reply
 //! (`BATON_FAULT=after-apply:<op>`); the supervisor restarts a client, the kernel resends
-//! the request, and the application sees the success it would have seen without the crash
-//! (no EEXIST after mkdir, no ENOENT after unlink...), with the change applied once. On the
-//! embedded engine for every operation, and on Redis for the namespace operations.
+//! the request — or, without FUSE_NOTIFY_RESEND (`--no-resend`, as on kernels before 6.9),
+//! the successor finds it in the request log and runs it — and the application sees the
+//! success it would have seen without the crash (no EEXIST after mkdir, no ENOENT after
+//! unlink...), with the change applied once. Each test runs both ways, on the embedded
+//! engine for every operation, and on Redis for the namespace operations.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -16,6 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
+use common::Resend;
 use fsclient::vfs::fault::{self, Op};
 use testkit::mount::{MountOptions, TestMount, baton};
 use testkit::redis::RedisServer;
@@ -75,22 +78,36 @@ enum Engine {
 /// On the embedded engine: see [`crash_after_on`].
 fn crash_after(
     op: Op,
-    setup: impl FnOnce(&Path),
-    act: impl FnOnce(&Path) -> std::io::Result<()>,
-    check: impl FnOnce(&Path),
+    setup: impl Fn(&Path),
+    act: impl Fn(&Path) -> std::io::Result<()>,
+    check: impl Fn(&Path),
 ) {
     crash_after_on(Engine::Redb, op, setup, act, check);
+}
+
+/// [`crash_after_in`] with the kernel's resend, then without it.
+fn crash_after_on(
+    engine: Engine,
+    op: Op,
+    setup: impl Fn(&Path),
+    act: impl Fn(&Path) -> std::io::Result<()>,
+    check: impl Fn(&Path),
+) {
+    for mode in Resend::BOTH {
+        crash_after_in(engine, mode, op, &setup, &act, &check);
+    }
 }
 
 /// Mounts with a client that aborts after its first `op`, runs `setup` (which must not use
 /// `op`), then `act` (the faulted operation, which must succeed), then `check`, and makes
 /// sure the client did crash and was replaced.
-fn crash_after_on(
+fn crash_after_in(
     engine: Engine,
+    mode: Resend,
     op: Op,
-    setup: impl FnOnce(&Path),
-    act: impl FnOnce(&Path) -> std::io::Result<()>,
-    check: impl FnOnce(&Path),
+    setup: &dyn Fn(&Path),
+    act: &dyn Fn(&Path) -> std::io::Result<()>,
+    check: &dyn Fn(&Path),
 ) {
     let dir = tempfile::tempdir().unwrap();
     let client = common::client_bin();
@@ -103,7 +120,8 @@ fn crash_after_on(
             client.display()
         ),
     );
-    let args = vec!["--client".into(), wrapper.display().to_string()];
+    let mut args = vec!["--client".into(), wrapper.display().to_string()];
+    args.extend(mode.args());
     let home = dir.path().join("home");
     let mnt = dir.path().join("mnt");
     let mut redis = None;
@@ -135,13 +153,21 @@ fn crash_after_on(
     setup(&root);
     let before = common::status(&m);
     if let Err(e) = act(&root) {
-        panic!("{op} across a crash of the client failed: {e}");
+        panic!("{op} across a crash of the client ({mode:?} resend) failed: {e}");
     }
     let after = common::status(&m);
     assert!(
         after.restarts > before.restarts && after.client_pid != before.client_pid,
         "{op}: the client was not restarted (the fault did not fire?): {before:?} -> {after:?}"
     );
+    if mode == Resend::Disabled {
+        common::wait_answered_from_log(&m, 0);
+        let (times, requests) = common::answered_from_log(&m);
+        assert!(
+            times >= 1 && requests >= 1,
+            "{op}: the successor answered nothing from the request log"
+        );
+    }
     check(&root);
     m.umount().unwrap();
     drop(redis);

@@ -7,23 +7,14 @@
 
 mod common;
 
+use common::{PATIENCE, kill9, wait_replaced};
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use handover_proto::message::ToClient;
 use testkit::mount::{MountOptions, TestMount, baton, baton_bin};
-use upgrade_tests::baton_cli::{self, Status, Upgrade};
-
-/// How long a test waits for something that should take milliseconds before it gives up
-/// (a bound on the wait, not a measurement).
-const PATIENCE: Duration = Duration::from_secs(60);
-
-fn kill9(pid: u64) {
-    assert!(pid > 1, "no pid to kill");
-    // SAFETY: kill(2) has no memory effects; the pid is one `baton status` names.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    assert_eq!(rc, 0, "kill -9 {pid}: {}", std::io::Error::last_os_error());
-}
+use upgrade_tests::baton_cli::{self, Upgrade};
 
 /// Waits until no supervisor answers for the mount (the killed one is gone).
 fn wait_no_supervisor(m: &TestMount) {
@@ -32,24 +23,6 @@ fn wait_no_supervisor(m: &TestMount) {
         assert!(
             Instant::now() < deadline,
             "a supervisor still answers after kill -9"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits until a client other than `dead` serves the mount.
-fn wait_replaced(m: &TestMount, dead: &Status) -> Status {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let s = common::status(m);
-        if s.serving() && s.client_pid != 0 && s.client_pid != dead.client_pid {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no client replaced pid {} within {PATIENCE:?}: {}",
-            dead.client_pid,
-            s.json
         );
         std::thread::sleep(Duration::from_millis(20));
     }

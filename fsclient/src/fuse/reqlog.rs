@@ -492,7 +492,10 @@ mod tests {
         assert_eq!(got, vec![0, 2]);
         // SAFETY: test-owned slot.
         assert!(unsafe { l.area_bytes(0, 0, 64) }.iter().all(|b| *b == 0));
-        assert_eq!(reqlog::owner_parts(l.words(0).owner), (state::READING, live));
+        assert_eq!(
+            reqlog::owner_parts(l.words(0).owner),
+            (state::READING, live)
+        );
         assert_eq!(l.words(0).done, 0);
         // Nothing is free, and the live reader's slots are never taken.
         assert_eq!(l.reserve(5, live + 1), Vec::<u32>::new());

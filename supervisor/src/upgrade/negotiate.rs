@@ -43,8 +43,10 @@ fn has(h: &Hello, cap: &str) -> bool {
 /// Intersects the two clients' hellos: the newest common state version, and resend mode
 /// when resend is in use (`resend`: the kernel offered FUSE_HAS_RESEND and the mount was
 /// not made with `--no-resend`), both can park, and drain was not forced; drain mode when
-/// both can drain — DrainLog when the supervisor holds a request log (`request_log`) and
-/// both can use it; otherwise no handover.
+/// both can drain — DrainLog when resend is not in use, the supervisor holds a request log
+/// (`request_log`) and both can use it (a successor answers from the log only when nothing
+/// is resent, so a drain forced where resend is in use stays a plain drain); otherwise no
+/// handover.
 pub fn negotiate(
     old: &Hello,
     new: &Hello,
@@ -71,7 +73,7 @@ pub fn negotiate(
     let mode = if resend && !force_drain && both(capability::PARK_RESEND) {
         FreezeMode::Resend
     } else if both(capability::DRAIN) {
-        if request_log && both(capability::REQUEST_LOG) {
+        if !resend && request_log && both(capability::REQUEST_LOG) {
             FreezeMode::DrainLog
         } else {
             FreezeMode::Drain
@@ -232,15 +234,20 @@ mod tests {
         assert_eq!(a.map(|a| a.mode), Ok(FreezeMode::Drain));
         let a = negotiate(&hello(&[1], ALL), &hello(&[1], &logged), false, false, true);
         assert_eq!(a.map(|a| a.mode), Ok(FreezeMode::Drain));
-        // Resend stays resend.
-        let a = negotiate(
-            &hello(&[1], &logged),
-            &hello(&[1], &logged),
-            true,
-            false,
-            true,
-        );
-        assert_eq!(a.map(|a| a.mode), Ok(FreezeMode::Resend));
+        // Resend stays resend; a drain forced where resend is in use is a plain drain (the
+        // successor does not look in the log then).
+        let both_logged = |force| {
+            negotiate(
+                &hello(&[1], &logged),
+                &hello(&[1], &logged),
+                true,
+                force,
+                true,
+            )
+            .map(|a| a.mode)
+        };
+        assert_eq!(both_logged(false), Ok(FreezeMode::Resend));
+        assert_eq!(both_logged(true), Ok(FreezeMode::Drain));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use testkit::mount::{TestMount, target_dir};
+use testkit::mount::{MountOptions, TestMount, target_dir};
 use upgrade_tests::baton_cli::{self, Status, Upgrade, UpgradeOutcome};
 use upgrade_tests::workload::{self, Config, Report, Running};
 
@@ -104,4 +104,182 @@ pub fn processes_named(needle: &str) -> Vec<u32> {
         cmd.contains(needle).then_some(pid)
     })
     .collect()
+}
+
+/// How a test mount survives a dead client: the kernel's FUSE_NOTIFY_RESEND (this
+/// machine's kernel offers it), or the request log, as on kernels before 6.9
+/// (`baton mount --no-resend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resend {
+    Kernel,
+    Disabled,
+}
+
+impl Resend {
+    pub const BOTH: [Resend; 2] = [Resend::Kernel, Resend::Disabled];
+
+    /// The `baton mount` arguments.
+    pub fn args(self) -> Vec<String> {
+        match self {
+            Resend::Kernel => Vec::new(),
+            Resend::Disabled => vec!["--no-resend".into()],
+        }
+    }
+
+    /// Mount options with these arguments added.
+    pub fn mount(self, mut opts: MountOptions) -> MountOptions {
+        opts.args.extend(self.args());
+        opts
+    }
+
+    /// What `baton status --json` says in `resend_mode`.
+    pub fn status_word(self) -> &'static str {
+        match self {
+            Resend::Kernel => "resend",
+            Resend::Disabled => "disabled",
+        }
+    }
+}
+
+/// Checks that the mount is in `mode` (`baton status --json`: `resend_mode`, and `resend`
+/// false without it).
+pub fn assert_resend_mode(m: &TestMount, mode: Resend) {
+    let s = status(m);
+    assert_eq!(
+        s.json["resend_mode"].as_str(),
+        Some(mode.status_word()),
+        "{}",
+        s.json
+    );
+    assert_eq!(s.resend, mode == Resend::Kernel, "{}", s.json);
+    assert_eq!(s.json["request_log"], true, "{}", s.json);
+}
+
+/// Everything the mount's supervisor and clients logged (`$BATON_HOME/log`).
+pub fn logs(m: &TestMount) -> String {
+    let mut out = String::new();
+    if let Ok(dir) = std::fs::read_dir(m.home.join("log")) {
+        for e in dir.flatten() {
+            out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+    }
+    out
+}
+
+/// How many successors found requests their dead predecessor had read and left
+/// unanswered in the request log, and how many requests that was, from the logs.
+pub fn answered_from_log(m: &TestMount) -> (usize, u64) {
+    let log = logs(m);
+    let mut times = 0;
+    let mut requests = 0;
+    for line in log.lines() {
+        if !line.contains("answering the requests the predecessor read and left unanswered") {
+            continue;
+        }
+        times += 1;
+        // "answered=N running=M", possibly with colour codes around the names.
+        let plain: String = strip_ansi(line);
+        for key in ["answered=", "running="] {
+            if let Some(i) = plain.find(key) {
+                let n: String = plain[i + key.len()..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                requests += n.parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    (times, requests)
+}
+
+/// Waits up to 10 s until more than `before` successors answered from the request log (the
+/// line is logged just after the successor starts serving); how many have.
+pub fn wait_answered_from_log(m: &TestMount, before: usize) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = answered_from_log(m).0;
+        if now > before || std::time::Instant::now() >= deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// How long a test waits for something that should take milliseconds before it gives up
+/// (a bound on the wait, not a measurement).
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// `kill -9 pid`.
+pub fn kill9(pid: u64) {
+    assert!(pid > 1, "no pid to kill");
+    // SAFETY: kill(2) has no memory effects; the pid is one `baton status` names.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill -9 {pid}: {}", std::io::Error::last_os_error());
+}
+
+/// Waits until a client other than `dead` serves the mount.
+pub fn wait_replaced(m: &TestMount, dead: &Status) -> Status {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let s = baton_cli::status(&m.home, &m.mountpoint);
+        if let Ok(s) = &s
+            && s.serving()
+            && s.client_pid != 0
+            && s.client_pid != dead.client_pid
+        {
+            return s.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no client replaced pid {} within {PATIENCE:?}: {s:?}",
+            dead.client_pid
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A new volume `name` whose metadata is in a Redis server of its own, and its objects
+/// in a temporary directory: mounted with `args` at `dir/mnt`. Keep all three alive.
+pub fn redis_mount(
+    name: &str,
+    args: Vec<String>,
+) -> (testkit::redis::RedisServer, tempfile::TempDir, TestMount) {
+    let redis = testkit::redis::RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let meta = redis.url(1);
+    let storage = format!("fs://{}/objects", dir.path().display());
+    let out = testkit::mount::baton(
+        &home,
+        &["format", name, "--meta", &meta, "--storage", &storage],
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "format failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let opts = MountOptions {
+        meta: Some(meta),
+        args,
+    };
+    let m = TestMount::at(&home, &dir.path().join("mnt"), &opts).unwrap();
+    (redis, dir, m)
 }

@@ -63,6 +63,15 @@ fn script() -> impl Strategy<Value = Script> {
         6 => Just(hello_all()),
         1 => Just(Hello { state_versions: vec![2], ..hello_all() }),
         1 => Just(Hello { state_versions: vec![1], capabilities: vec![capability::DRAIN.into()] }),
+        // A build that predates the request log.
+        1 => Just(Hello {
+            capabilities: hello_all()
+                .capabilities
+                .into_iter()
+                .filter(|c| c != capability::REQUEST_LOG)
+                .collect(),
+            ..hello_all()
+        }),
         1 => Just(Hello {
             state_versions: vec![1, 2],
             capabilities: vec![capability::PARK_RESEND.into(), capability::TAKEOVER.into()],
@@ -97,8 +106,13 @@ fn pick(sim: &Sim, i: usize, f: impl Fn(&super::sim::Fake) -> bool) -> Option<Ge
     (!gens.is_empty()).then(|| gens[i % gens.len()])
 }
 
-fn play(first: Script, resend: bool, scripts: Vec<Script>, ops: Vec<Op>) {
-    let mut sim = Sim::new(first, resend);
+/// `resend`: the kernel offers it; `disabled`: the mount was made with `--no-resend`.
+fn play(first: Script, resend: bool, disabled: bool, scripts: Vec<Script>, ops: Vec<Op>) {
+    let mut sim = if disabled {
+        Sim::resend_disabled(first)
+    } else {
+        Sim::new(first, resend)
+    };
     sim.scripts.extend(scripts);
     for op in ops {
         match op {
@@ -193,13 +207,14 @@ proptest! {
     fn random_interleavings_keep_the_guarantees(
         first in script(),
         resend in any::<bool>(),
+        disabled in any::<bool>(),
         scripts in proptest::collection::vec(script(), 0..6),
         ops in proptest::collection::vec(op(), 0..160),
     ) {
         // The first client is the one that serves: it has the full vocabulary; faults
         // still apply to its handover steps.
         let first = Script { hello: hello_all(), init_reply: None, ..first };
-        play(first, resend, scripts, ops);
+        play(first, resend, disabled, scripts, ops);
     }
 
     /// One kill -9 of the old or the new client at any moment of an upgrade, in any
@@ -328,5 +343,5 @@ fn restarts_that_cannot_take_the_state_over_restart_without_it() {
         RunClient(0),
         RunClient(0),
     ];
-    play(plain(), true, scripts, ops);
+    play(plain(), true, false, scripts, ops);
 }

@@ -122,9 +122,14 @@ fn drain_mode_without_kernel_resend_and_when_forced() {
             "resend {resend} force {force}"
         );
         assert!(!sim.seen.contains(&Seen::Resend), "no RESEND in drain mode");
-        // Both clients read into the supervisor's request log: a lock wait is handed
-        // over through it.
-        assert!(sim.sent().contains(&(1, "Freeze(drain-log)")));
+        // Without resend both clients read into the supervisor's request log: a lock wait
+        // is handed over through it. A drain forced on a resend kernel is a plain one.
+        let freeze = if resend {
+            "Freeze(drain)"
+        } else {
+            "Freeze(drain-log)"
+        };
+        assert!(sim.sent().contains(&(1, freeze)), "{:?}", sim.sent());
     }
     // A successor that cannot use the log: a plain drain.
     let mut old_build = Script::ack("2.0");
@@ -590,6 +595,26 @@ fn without_resend_a_crash_restart_serves_without_writing_it() {
     sim.run(LONG);
     assert_eq!(sim.m.serving().generation, Generation(2));
     assert!(!sim.seen.contains(&Seen::Resend));
+}
+
+#[test]
+fn with_resend_disabled_nothing_is_resent_and_upgrades_hand_over_through_the_log() {
+    let mut sim = Sim::resend_disabled(Script::ack("1.0"));
+    assert!(sim.m.kernel_resend() && sim.m.resend_disabled() && !sim.m.resend());
+    sim.crash(Generation(1));
+    sim.run(LONG);
+    assert_eq!(sim.m.serving().generation, Generation(2));
+    assert!(!sim.seen.contains(&Seen::Resend), "a crash: no RESEND");
+    sim.scripts.push_back(Script::ack("2.0"));
+    sim.request(Some(NEW_BINARY), false).expect("request");
+    sim.run(LONG);
+    assert_eq!(upgraded(&sim).mode, Some(FreezeMode::Drain));
+    assert!(
+        sim.sent().contains(&(2, "Freeze(drain-log)")),
+        "{:?}",
+        sim.sent()
+    );
+    assert!(!sim.seen.contains(&Seen::Resend), "an upgrade: no RESEND");
 }
 
 #[test]

@@ -271,7 +271,16 @@ impl Sim {
         Self::with_timings(first, resend, Timings::default())
     }
 
+    /// A mount made with `--no-resend` on a kernel that offers resend.
+    pub fn resend_disabled(first: Script) -> Sim {
+        Self::build(first, true, true, Timings::default())
+    }
+
     pub fn with_timings(first: Script, resend: bool, timings: Timings) -> Sim {
+        Self::build(first, resend, false, timings)
+    }
+
+    fn build(first: Script, resend: bool, disabled: bool, timings: Timings) -> Sim {
         let info = ClientInfo {
             generation: Generation(1),
             binary: OLD_BINARY.into(),
@@ -282,7 +291,7 @@ impl Sim {
         };
         let now = Timestamp(1_000_000_000);
         let m = Machine::new(info, init_request(resend), init_reply(1 << 20), timings)
-            .with_request_log(false);
+            .with_request_log(disabled);
         let mut fake = Fake::new(Generation(1), OLD_BINARY.into(), first);
         fake.reading = true;
         fake.got_init = true;
@@ -481,6 +490,12 @@ impl Sim {
             Action::WriteResend => {
                 let readers = self.readers();
                 assert!(readers.is_empty(), "RESEND while {readers:?} may read");
+                assert!(
+                    self.m.resend(),
+                    "RESEND on a mount that does not use it (kernel {}, disabled {})",
+                    self.m.kernel_resend(),
+                    self.m.resend_disabled()
+                );
                 self.seen.push(Seen::Resend);
             }
             Action::Report(o) => {
