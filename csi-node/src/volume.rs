@@ -142,15 +142,22 @@ impl VolumeSecrets {
 pub struct MountOptions {
     /// `(flag, value)` pairs in a fixed order, e.g. `("--attr-cache", "2")`.
     args: Vec<(&'static str, String)>,
+    /// `--no-resend`.
+    no_resend: bool,
 }
 
 impl MountOptions {
     /// The `baton mount` arguments.
     pub fn args(&self) -> Vec<String> {
-        self.args
+        let mut out: Vec<String> = self
+            .args
             .iter()
             .flat_map(|(k, v)| [k.to_string(), v.clone()])
-            .collect()
+            .collect();
+        if self.no_resend {
+            out.push("--no-resend".into());
+        }
+        out
     }
 }
 
@@ -163,7 +170,8 @@ pub struct MountFlags {
 }
 
 /// Parses `mountOptions`: `ro`, `rw`, `attr-cache=SECS`, `entry-cache=SECS`,
-/// `cache-size=MIB`, `threads=N`.
+/// `cache-size=MIB`, `threads=N`, `no-resend` (behave as on a kernel without
+/// FUSE_NOTIFY_RESEND: `baton mount --no-resend`).
 pub fn parse_mount_flags(flags: &[String]) -> Result<MountFlags, String> {
     const KNOWN: [(&str, &str, bool); 4] = [
         ("attr-cache", "--attr-cache", true),
@@ -182,11 +190,12 @@ pub fn parse_mount_flags(flags: &[String]) -> Result<MountFlags, String> {
         match flag {
             "ro" => out.readonly = true,
             "rw" | "defaults" => {}
+            "no-resend" => out.options.no_resend = true,
             _ => {
                 let (k, v) = flag.split_once('=').unwrap_or((flag, ""));
                 let Some(i) = KNOWN.iter().position(|(name, _, _)| *name == k) else {
                     return Err(format!(
-                        "unknown mount option {k:?} (known: ro, attr-cache=SECS, entry-cache=SECS, cache-size=MIB, threads=N)"
+                        "unknown mount option {k:?} (known: ro, attr-cache=SECS, entry-cache=SECS, cache-size=MIB, threads=N, no-resend)"
                     ));
                 };
                 let ok = if KNOWN[i].2 {
@@ -334,6 +343,8 @@ mod tests {
         let f = parse_mount_flags(&["ro,attr-cache=2".into(), "threads=8".into()]).expect("valid");
         assert!(f.readonly);
         assert_eq!(f.options.args(), ["--attr-cache", "2", "--threads", "8"]);
+        let f = parse_mount_flags(&["no-resend,threads=2".into()]).expect("valid");
+        assert_eq!(f.options.args(), ["--threads", "2", "--no-resend"]);
         assert!(parse_mount_flags(&["exec".into()]).is_err());
         assert!(parse_mount_flags(&["threads=-1".into()]).is_err());
         assert!(parse_mount_flags(&["attr-cache=x".into()]).is_err());

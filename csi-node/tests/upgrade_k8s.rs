@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use csi_node::proto::node_client::NodeClient;
+use csi_node::proto::volume_capability;
 use csi_node::upgrade::request::{Phase, STATUS_ANNOTATION, UPGRADE_ANNOTATION, UpgradeStatus};
 use k8s_openapi::api::core::v1::{Event, Node, PersistentVolume, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -768,6 +769,19 @@ async fn pod_upgrades_move_mounts_to_new_mount_pods() {
 /// and no error, and every record is there once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mount_pod_killed_whole_is_reseeded_from_the_keeper() {
+    reseeded_from_the_keeper(&[]).await;
+}
+
+/// The same with the `no-resend` mount option (as on a kernel without
+/// FUSE_NOTIFY_RESEND): the keeper holds the request log too, and the re-seeded client
+/// answers from it what the dead one had read — here a flock wait of another process,
+/// which nothing else could answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mount_pod_killed_whole_is_reseeded_from_the_keeper_without_resend() {
+    reseeded_from_the_keeper(&["no-resend"]).await;
+}
+
+async fn reseeded_from_the_keeper(flags: &[&str]) {
     let OneMount {
         pods,
         d,
@@ -778,11 +792,42 @@ async fn a_mount_pod_killed_whole_is_reseeded_from_the_keeper() {
         _kubelet,
         _cluster,
         admin: _,
-    } = OneMount::start().await;
+    } = OneMount::start(flags).await;
+    let no_resend = flags.contains(&"no-resend");
     let logs = || d.logs();
     // The supervisor deposits the mount once its client serves.
     let before = mount_status(&d, &mp);
+    let mode = if no_resend { "disabled" } else { "resend" };
+    assert_eq!(before["resend_mode"], mode, "{before}");
+    // A flock held by one process, and another process waiting for it in the client.
+    // Neither is this one: the fake kubelet starts containers from this process, which
+    // must not hold anything on the mount while nobody serves it.
+    let lock_file = t1.join("lock");
+    std::fs::write(&lock_file, b"x").unwrap();
+    let mut holder = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec 9<lock && flock -n 9 && echo held && exec sleep 600")
+        .current_dir(&t1)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "held", "the holder could not take the lock");
+    let mut waiter = std::process::Command::new("flock")
+        .arg(&lock_file)
+        .arg("true")
+        .spawn()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        waiter.try_wait().unwrap().is_none(),
+        "the waiter got a held lock"
+    );
     let at_kill = app.records();
 
     // kill -9 of the supervisor and the client together, as an OOM kill of the container.
@@ -808,8 +853,36 @@ async fn a_mount_pod_killed_whole_is_reseeded_from_the_keeper() {
         .unwrap()[0]
         .restart_count;
     assert_eq!(restarts, 1, "the container was restarted once");
+    assert_eq!(after["resend_mode"], mode, "{after}");
     // The application goes on through its descriptor.
     app.goes_on(at_kill).await;
+    // The waiter waits on, and gets the lock once it is let go.
+    assert!(
+        waiter.try_wait().unwrap().is_none(),
+        "the waiter got a held lock"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = waiter.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the flock waiter hangs after the re-seed:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "the waiter failed: {status}");
+    if no_resend {
+        let log = logs();
+        assert!(
+            log.contains("answering the requests the predecessor read and left unanswered"),
+            "the re-seeded client answered nothing from the request log:\n{log}"
+        );
+    }
     let n = app.finish();
     eprintln!("{n} records appended, {at_kill} before the kill");
     unpublish_all(&mut node, &pods, &[("handle-one", &t1)]).await;
@@ -832,16 +905,20 @@ struct OneMount {
 }
 
 impl OneMount {
-    async fn start() -> OneMount {
+    /// `flags`: the volume's mount options.
+    async fn start(flags: &[&str]) -> OneMount {
         let (cluster, admin, sa) = cluster_with_node_a().await;
         let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
         let (d, kubelet) = start_node_a(&cluster, &sa, Vec::new(), HashMap::new()).await;
         let mut node = d.node().await;
         let target = kubelet_target(&d, "uid-1", "pv-one");
         let secrets = embedded_secrets(&d.dir.path().join("v1"));
-        node.node_publish_volume(publish_req("handle-one", &target, &secrets, None, false))
-            .await
-            .unwrap();
+        let mut req = publish_req("handle-one", &target, &secrets, None, false);
+        req.volume_capability = Some(mount_cap(
+            volume_capability::access_mode::Mode::MultiNodeMultiWriter,
+            flags,
+        ));
+        node.node_publish_volume(req).await.unwrap();
         let mp = d.backend_mounts().pop().unwrap().display().to_string();
         let app = HeldAppender::start(&target, &d.dir.path().join("app-errors"));
         OneMount {
@@ -967,7 +1044,7 @@ async fn a_deleted_mount_pod_is_replaced_without_an_application_error() {
         app,
         _kubelet,
         _cluster,
-    } = OneMount::start().await;
+    } = OneMount::start(&[]).await;
     let logs = || d.logs();
     let only_pod = || async {
         let list = pods_of(&pods, &mp).await;
