@@ -19,7 +19,9 @@
 //!
 //! Options after `--`: `--kills N` (default 30), `--every DURATION` (default `2s`),
 //! `--jitter J` (each gap is every × [1 − J, 1 + J], default 0.5), `--threads N`
-//! (default 4), `--workload mixed|training`, `--dir DIR`, `--seed N`.
+//! (default 4), `--workload mixed|training`, `--dir DIR`, `--seed N`, `--no-resend`
+//! (mount with `baton mount --no-resend`: what a dead client had read is answered from the
+//! request log, as on kernels before 6.9).
 //! The same figure on any mount, with the CLI:
 //! `baton-chaos MOUNTPOINT --kill-every 2s --kills 30 --duration 10m --json`.
 #![allow(clippy::unwrap_used)]
@@ -39,6 +41,7 @@ struct Opts {
     dir: PathBuf,
     seed: u64,
     jitter: f64,
+    no_resend: bool,
 }
 
 fn opts() -> Opts {
@@ -50,6 +53,7 @@ fn opts() -> Opts {
         dir: PathBuf::from("/dev/shm"),
         seed: 1,
         jitter: 0.5,
+        no_resend: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -63,6 +67,11 @@ fn opts() -> Opts {
             "--dir" => o.dir = PathBuf::from(&val),
             "--seed" => o.seed = val.parse().unwrap(),
             "--jitter" => o.jitter = val.parse().unwrap(),
+            "--no-resend" => {
+                o.no_resend = true;
+                i += 1;
+                continue;
+            }
             // cargo bench passes --bench.
             _ => {
                 i += 1;
@@ -83,7 +92,14 @@ fn main() {
     let m = TestMount::at(
         &base.path().join("home"),
         &base.path().join("mnt"),
-        &MountOptions::default(),
+        &MountOptions {
+            meta: None,
+            args: if o.no_resend {
+                vec!["--no-resend".into()]
+            } else {
+                Vec::new()
+            },
+        },
     )
     .unwrap();
     let target = Target {
@@ -111,6 +127,14 @@ fn main() {
     print!("{}", r.summary());
     let k = r.faults_by_kind.get("kill").cloned().unwrap_or_default();
     println!();
+    println!(
+        "resend: {}",
+        if o.no_resend {
+            "disabled (--no-resend): answered from the request log"
+        } else {
+            "the kernel's"
+        }
+    );
     println!(
         "| kills (ok / injected) | app errors | records lost / acknowledged | pause p50 / p99 / max (ms) | new client after p50 / max (ms) | longest op away from kills (ms) |"
     );
