@@ -343,8 +343,8 @@ mod tests {
         let f = parse_mount_flags(&["ro,attr-cache=2".into(), "threads=8".into()]).expect("valid");
         assert!(f.readonly);
         assert_eq!(f.options.args(), ["--attr-cache", "2", "--threads", "8"]);
-        let f = parse_mount_flags(&["no-resend,threads=2".into()]).expect("valid");
-        assert_eq!(f.options.args(), ["--threads", "2", "--no-resend"]);
+        let nr = parse_mount_flags(&["no-resend,threads=2".into()]).expect("valid");
+        assert_eq!(nr.options.args(), ["--threads", "2", "--no-resend"]);
         assert!(parse_mount_flags(&["exec".into()]).is_err());
         assert!(parse_mount_flags(&["threads=-1".into()]).is_err());
         assert!(parse_mount_flags(&["attr-cache=x".into()]).is_err());
