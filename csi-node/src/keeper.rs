@@ -254,7 +254,15 @@ impl Keeper {
                             "descriptor keeper: deposit kept"
                         );
                         let mut deposits = self.lock();
-                        let request_log = deposits.remove(&mountpoint).and_then(|d| d.request_log);
+                        // The same mount (its session and connection) keeps its log; a
+                        // new mount at the same path gets its own.
+                        let request_log = deposits
+                            .remove(&mountpoint)
+                            .filter(|d| {
+                                d.adoption.session == adoption.session
+                                    && d.adoption.init_request == adoption.init_request
+                            })
+                            .and_then(|d| d.request_log);
                         deposits.insert(
                             mountpoint,
                             Deposit {

@@ -640,7 +640,10 @@ impl Client {
             Some((log, slots)) => {
                 // What a dead predecessor left unanswered is found before this process
                 // reads anything; its reader threads then read into the log.
-                let recover = !resend_in_use(&conn.init_request, &log);
+                // Not if the kernel re-delivers it: resend in use, or written for this
+                // generation anyway (a dead client that did not read into this log).
+                let recover = !resend_in_use(&conn.init_request, &log)
+                    && log.resent_generation() != self.generation.0;
                 let found = log.take_over(std::process::id(), recover);
                 match log.read_into(slots, run_session) {
                     Ok((log, reading, spawned)) => {

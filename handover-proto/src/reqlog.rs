@@ -20,6 +20,8 @@
 //!  header (little endian): written by the supervisor, read by clients
 //!     0 magic "BATONRQL" u64     8 layout version u32     12 flags u32 (bit 0: resend disabled)
 //!    16 slots u32               20 area bytes u32        24 table offset u64   32 areas offset u64
+//!    40 resent generation u64: the supervisor wrote FUSE_NOTIFY_RESEND before it told this
+//!       generation to serve (what dead clients read was re-delivered: their slots are void)
 //!
 //!  slot control block (64 bytes, each field one aligned 64-bit word):
 //!     0 owner:   state << 32 | pid        state 0 free, 1 reading, 2 recovering
@@ -42,8 +44,9 @@
 //!   process being killed, as long as the pages are resident, which they are (the client
 //!   touched them). A slot's request is therefore always whole: the `unique` in its header
 //!   names it, and `done` tells whether it was answered.
-//! - **Applied.** For requests whose answer is a bare error code or a WRITE's size, the
-//!   client stores `result` and then `applied` = unique *before* it writes the reply; after
+//! - **Applied.** For every error reply, and for requests whose successful answer is a
+//!   bare header or a WRITE's size, the client stores `result` and then `applied` = unique
+//!   *before* it writes the reply; after
 //!   the reply, `done` = unique. A successor never executes an applied request again: it
 //!   writes the recorded answer (if the kernel had it already, that write fails with ENOENT
 //!   and harms nothing). Other mutations are made exactly once by the metadata engine's
@@ -104,8 +107,9 @@ pub mod hdr {
     pub const AREA: u64 = 20;
     pub const TABLE: u64 = 24;
     pub const AREAS: u64 = 32;
+    pub const RESENT: u64 = 40;
     /// Bytes of the header that carry fields.
-    pub const LEN: usize = 40;
+    pub const LEN: usize = 48;
 }
 
 /// Slot control block field offsets (each a 64-bit word).
@@ -349,6 +353,15 @@ pub fn read_header(fd: std::os::fd::BorrowedFd<'_>) -> Result<Header, LogError> 
     decode_header(&b, size)
 }
 
+/// Records that the supervisor writes FUSE_NOTIFY_RESEND before generation `generation`
+/// serves (on a `--no-resend` mount, when the log cannot carry what the dead client had
+/// read: it did not read into this log, or the successor cannot answer from it). That
+/// generation then frees the dead clients' slots instead of answering from them: the
+/// kernel re-delivers those requests. Written before the notification.
+pub fn mark_resent(fd: std::os::fd::BorrowedFd<'_>, generation: u64) -> Result<(), LogError> {
+    pwrite_all(fd, &generation.to_le_bytes(), hdr::RESENT).map_err(LogError::Write)
+}
+
 /// Sets `add` in the header's flags (a take-over with `--no-resend` of a mount made
 /// without it). Only the supervisor writes the header; clients read it at `Serve`.
 pub fn add_flags(fd: std::os::fd::BorrowedFd<'_>, add: u32) -> Result<Header, LogError> {
@@ -375,7 +388,7 @@ pub mod opcode {
     pub const MAX_KNOWN: u32 = 64;
 
     /// Opcodes whose success reply is only a `fuse_out_header` (or a WRITE's size): the
-    /// ones an applied mark may answer.
+    /// ones an applied mark of success may answer (an error is answerable for any).
     pub fn answerable_from_result(op: u32) -> bool {
         matches!(
             op,
@@ -496,13 +509,16 @@ pub fn classify(words: &SlotWords, area: &[u8], area_len: u32) -> Verdict {
             };
         }
     }
-    if words.applied == h.unique && opcode::answerable_from_result(h.opcode) {
+    if words.applied == h.unique {
         let (errno, written) = result_parts(words.result);
-        return Verdict::AnswerResult {
-            header: h,
-            errno,
-            written,
-        };
+        // An error reply is a bare header whatever the request: it is the whole answer.
+        if errno != 0 || opcode::answerable_from_result(h.opcode) {
+            return Verdict::AnswerResult {
+                header: h,
+                errno,
+                written,
+            };
+        }
     }
     Verdict::Execute(h)
 }
@@ -653,13 +669,22 @@ mod tests {
         let r = result_reply(&header, errno, 0);
         assert_eq!(r.len(), 16);
         assert_eq!(i32::from_le_bytes([r[4], r[5], r[6], r[7]]), -libc::EAGAIN);
-        // A LOOKUP's applied mark means nothing: it is run again.
+        // A LOOKUP's success cannot be rebuilt from a result: it is run again; its error
+        // is given again.
         let area = request(64, 1, 22);
         let mut w = reading(0);
         w.applied = 22;
         assert!(matches!(
             classify(&w, &area, AREA_BYTES),
             Verdict::Execute(_)
+        ));
+        w.result = result_word(libc::ENOENT, 0);
+        assert!(matches!(
+            classify(&w, &area, AREA_BYTES),
+            Verdict::AnswerResult {
+                errno: libc::ENOENT,
+                ..
+            }
         ));
     }
 
@@ -716,9 +741,9 @@ mod tests {
         ) {
             let w = SlotWords { owner: words.0, done: words.1, applied: words.2, result: words.3, answer: words.4, answer_at: words.5 };
             match classify(&w, &area, AREA_BYTES) {
-                Verdict::AnswerResult { header, .. } => {
+                Verdict::AnswerResult { header, errno, .. } => {
                     prop_assert_eq!(header.unique, w.applied);
-                    prop_assert!(opcode::answerable_from_result(header.opcode));
+                    prop_assert!(errno != 0 || opcode::answerable_from_result(header.opcode));
                 }
                 Verdict::AnswerStored { header, offset, len } => {
                     prop_assert_eq!(header.unique, w.answer);

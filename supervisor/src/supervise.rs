@@ -734,6 +734,12 @@ fn create_request_log(opts: &MountOptions) -> Result<OwnedFd, SuperviseError> {
     reqlog::create(request_log_slots(opts.threads), flags).map_err(SuperviseError::RequestLog)
 }
 
+/// `hello` without the request-log capability.
+fn without_request_log(mut hello: Hello) -> Hello {
+    hello.capabilities.retain(|c| c != capability::REQUEST_LOG);
+    hello
+}
+
 /// Whether a client announcing `hello` is sent the request log.
 pub fn offers_request_log(hello: &Hello) -> bool {
     hello
@@ -1018,6 +1024,7 @@ fn run_adopted(
     // The mount's request log: the one its clients read into, or (a client started by a
     // supervisor that had none) a new one for the next generations. `--no-resend` is
     // kept by the log: given now, it is added; absent, the mount keeps what it had.
+    let inherited_log = request_log.is_some();
     let request_log = match request_log {
         Some(log) if opts.no_resend => {
             match reqlog::add_flags(log.as_fd(), reqlog::flags::RESEND_DISABLED) {
@@ -1076,7 +1083,14 @@ fn run_adopted(
             generation: adoption.generation,
             binary,
             version: adoption.version,
-            hello: adoption.hello,
+            // A client whose request log did not come with it reads into none this
+            // supervisor holds: the machine must not count on the log for it (it falls
+            // back to RESEND where the kernel has it, and drains it plainly).
+            hello: if inherited_log {
+                adoption.hello
+            } else {
+                without_request_log(adoption.hello)
+            },
             session: adoption.session,
             spec,
         },

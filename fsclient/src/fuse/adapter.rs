@@ -121,7 +121,7 @@ impl BatonFs {
         to_file_attr(ino, a)
     }
 
-    fn entry(&self, reply: ReplyEntry, r: Result<(Ino, Attr), FsError>, op: &str) {
+    fn entry(&self, req: &Request, reply: ReplyEntry, r: Result<(Ino, Attr), FsError>, op: &str) {
         match r {
             Ok((ino, attr)) => reply.entry_with_ttls(
                 &self.attr_ttl,
@@ -129,7 +129,7 @@ impl BatonFs {
                 &self.fuse_attr(ino, &attr),
                 Generation(0),
             ),
-            Err(e) => reply.error(errno(&e, op)),
+            Err(e) => reply.error(failed(req, &e, op)),
         }
     }
 }
@@ -182,6 +182,15 @@ fn errno(e: &FsError, op: &str) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// The errno that answers `req` with `e`, marked applied in the request log: an error
+/// reply is the whole answer, and a successor gives it again rather than run the request
+/// a second time (it might succeed then, over what the application did after the error).
+fn failed(req: &Request, e: &FsError, op: &str) -> Errno {
+    let errno = errno(e, op);
+    reqlog::applied(req.unique().0, errno.code(), 0);
+    errno
+}
+
 /// Formats an error with its chain of sources.
 struct DisplayChain<'a>(&'a dyn std::error::Error);
 
@@ -214,11 +223,7 @@ fn empty(req: &Request, reply: ReplyEmpty, r: Result<(), FsError>, op: &str) {
             reqlog::applied(unique, 0, 0);
             reply.ok()
         }
-        Err(e) => {
-            let errno = errno(&e, op);
-            reqlog::applied(unique, errno.code(), 0);
-            reply.error(errno)
-        }
+        Err(e) => reply.error(failed(req, &e, op)),
     }
 }
 
@@ -246,6 +251,7 @@ impl Filesystem for BatonFs {
             return;
         }
         self.entry(
+            req,
             reply,
             self.vfs.lookup(Ino(parent.0), name.as_bytes()),
             "lookup",
@@ -267,7 +273,7 @@ impl Filesystem for BatonFs {
         let _pass = self.pass(req);
         match self.vfs.getattr(Ino(ino.0)) {
             Ok(a) => reply.attr(&self.attr_ttl, &self.fuse_attr(Ino(ino.0), &a)),
-            Err(e) => reply.error(errno(&e, "getattr")),
+            Err(e) => reply.error(failed(req, &e, "getattr")),
         }
     }
 
@@ -301,7 +307,7 @@ impl Filesystem for BatonFs {
         };
         match self.vfs.setattr(self.unique(req), Ino(ino.0), &set) {
             Ok(a) => reply.attr(&self.attr_ttl, &self.fuse_attr(Ino(ino.0), &a)),
-            Err(e) => reply.error(errno(&e, "setattr")),
+            Err(e) => reply.error(failed(req, &e, "setattr")),
         }
     }
 
@@ -309,7 +315,7 @@ impl Filesystem for BatonFs {
         let _pass = self.pass(req);
         match self.vfs.readlink(Ino(ino.0)) {
             Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno(&e, "readlink")),
+            Err(e) => reply.error(failed(req, &e, "readlink")),
         }
     }
 
@@ -333,7 +339,7 @@ impl Filesystem for BatonFs {
             umask,
             rdev,
         );
-        self.entry(reply, r, "mknod");
+        self.entry(req, reply, r, "mknod");
     }
 
     fn mkdir(
@@ -354,7 +360,7 @@ impl Filesystem for BatonFs {
             mode,
             umask,
         );
-        self.entry(reply, r, "mkdir");
+        self.entry(req, reply, r, "mkdir");
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -395,7 +401,7 @@ impl Filesystem for BatonFs {
             link_name.as_bytes(),
             target.as_os_str().as_bytes(),
         );
-        self.entry(reply, r, "symlink");
+        self.entry(req, reply, r, "symlink");
     }
 
     fn rename(
@@ -435,14 +441,14 @@ impl Filesystem for BatonFs {
             Ino(newparent.0),
             newname.as_bytes(),
         );
-        self.entry(reply, r, "link");
+        self.entry(req, reply, r, "link");
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _pass = self.pass(req);
         match self.vfs.open_file(Ino(ino.0), flags.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(&e, "open")),
+            Err(e) => reply.error(failed(req, &e, "open")),
         }
     }
 
@@ -460,7 +466,7 @@ impl Filesystem for BatonFs {
         let _pass = self.pass(req);
         match self.vfs.read(Ino(ino.0), fh.0, offset, size) {
             Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(&e, "read")),
+            Err(e) => reply.error(failed(req, &e, "read")),
         }
     }
 
@@ -484,7 +490,7 @@ impl Filesystem for BatonFs {
                 reqlog::applied(req.unique().0, 0, n);
                 reply.written(n)
             }
-            Err(e) => reply.error(errno(&e, "write")),
+            Err(e) => reply.error(failed(req, &e, "write")),
         }
     }
 
@@ -540,7 +546,7 @@ impl Filesystem for BatonFs {
         let _pass = self.pass(req);
         match self.vfs.opendir(Ino(ino.0)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(&e, "opendir")),
+            Err(e) => reply.error(failed(req, &e, "opendir")),
         }
     }
 
@@ -570,7 +576,7 @@ impl Filesystem for BatonFs {
                 }
                 reply.ok();
             }
-            Err(e) => reply.error(errno(&e, "readdir")),
+            Err(e) => reply.error(failed(req, &e, "readdir")),
         }
     }
 
@@ -611,7 +617,7 @@ impl Filesystem for BatonFs {
                 }
                 reply.ok();
             }
-            Err(e) => reply.error(errno(&e, "readdirplus")),
+            Err(e) => reply.error(failed(req, &e, "readdirplus")),
         }
     }
 
@@ -647,7 +653,7 @@ impl Filesystem for BatonFs {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
             ),
-            Err(e) => reply.error(errno(&e, "statfs")),
+            Err(e) => reply.error(failed(req, &e, "statfs")),
         }
     }
 
@@ -674,6 +680,7 @@ impl Filesystem for BatonFs {
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _pass = self.pass(req);
         xattr_reply(
+            req,
             reply,
             size,
             self.vfs.getxattr(Ino(ino.0), name.as_bytes()),
@@ -683,7 +690,13 @@ impl Filesystem for BatonFs {
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let _pass = self.pass(req);
-        xattr_reply(reply, size, self.vfs.listxattr(Ino(ino.0)), "listxattr");
+        xattr_reply(
+            req,
+            reply,
+            size,
+            self.vfs.listxattr(Ino(ino.0)),
+            "listxattr",
+        );
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -734,7 +747,7 @@ impl Filesystem for BatonFs {
                 FileHandle(fh),
                 FopenFlags::empty(),
             ),
-            Err(e) => reply.error(errno(&e, "create")),
+            Err(e) => reply.error(failed(req, &e, "create")),
         }
     }
 
@@ -763,7 +776,7 @@ impl Filesystem for BatonFs {
                 reply.locked(l.start, l.end, t, l.pid);
             }
             Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
-            Err(e) => reply.error(errno(&e, "getlk")),
+            Err(e) => reply.error(failed(req, &e, "getlk")),
         }
     }
 
@@ -824,16 +837,16 @@ impl Filesystem for BatonFs {
         let _pass = self.pass(req);
         match self.vfs.lseek(Ino(ino.0), fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
-            Err(e) => reply.error(errno(&e, "lseek")),
+            Err(e) => reply.error(failed(req, &e, "lseek")),
         }
     }
 }
 
-fn xattr_reply(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, FsError>, op: &str) {
+fn xattr_reply(req: &Request, reply: ReplyXattr, size: u32, r: Result<Vec<u8>, FsError>, op: &str) {
     match r {
         Ok(v) if size == 0 => reply.size(v.len() as u32),
         Ok(v) if v.len() <= size as usize => reply.data(&v),
         Ok(_) => reply.error(Errno::ERANGE),
-        Err(e) => reply.error(errno(&e, op)),
+        Err(e) => reply.error(failed(req, &e, op)),
     }
 }

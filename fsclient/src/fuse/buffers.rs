@@ -4,8 +4,9 @@
 //!
 //! fuser gives each reader thread a zeroed buffer of 16 MiB + 4 KiB (`vec![0; n]`, so
 //! `alloc_zeroed`) when the thread starts, reads every request of that thread into it and
-//! runs the handler on the same thread. Nothing else in the client allocates zeroed blocks
-//! that large, which is how the allocator recognizes them. Two things depend on where such
+//! runs the handler on the same thread. The allocator recognizes them by that size (only
+//! the exact size is given a log slot; any zeroed block of 16 MiB or more is made
+//! resident). Two things depend on where such
 //! a buffer lives:
 //!
 //! - **Resident pages.** When a client is killed while a reader thread is inside read(2)
@@ -32,8 +33,12 @@ use handover_proto::reqlog::AREA_BYTES;
 
 use super::adapter::MAX_WRITE;
 
-/// Zeroed allocations at least this large are fuser's request buffers.
+/// Zeroed allocations at least this large are fuser's request buffers (made resident).
 const REQUEST_BUFFER: usize = 16 << 20;
+/// The exact size of fuser 0.18's request buffer (`MAX_WRITE_SIZE + 4096`, a `Vec<u8>`):
+/// only such allocations are given log slots, so that another large zeroed block (a
+/// block of the cache) made while the allocator is armed cannot take one.
+const FUSER_BUFFER: usize = (16 << 20) + 4096;
 /// The part of a request buffer a request can fill: `max_write` of data, the request
 /// headers and the alignment offset, rounded up.
 const PREFAULT: usize = MAX_WRITE as usize + (64 << 10);
@@ -166,6 +171,10 @@ fn map_slot(slot: u32, len: usize) -> *mut u8 {
         unsafe { libc::munmap(base, len) };
         return std::ptr::null_mut();
     }
+    // Kept resident (shmem can be swapped out): a copy into a page that is not would fail
+    // the request for a process being killed. Best effort: a memlock limit refuses it.
+    // SAFETY: the range was just mapped.
+    unsafe { libc::mlock(base, area) };
     base.cast()
 }
 
@@ -186,7 +195,7 @@ unsafe impl GlobalAlloc for RequestBufferAlloc {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() >= REQUEST_BUFFER && layout.align() <= PAGE {
+        if layout.size() == FUSER_BUFFER && layout.align() == 1 {
             let i = GRANT_NEXT.fetch_add(1, Ordering::SeqCst);
             if i < GRANT_COUNT.load(Ordering::SeqCst) {
                 let slot = GRANTS[i].load(Ordering::SeqCst);
@@ -269,5 +278,44 @@ mod tests {
             s[layout.size() - 1] = 7;
             a.dealloc(p, layout);
         }
+    }
+
+    /// A fuser request buffer made while armed lies over its log slot: what is written to
+    /// it is in the memfd; other large zeroed blocks are not given a slot.
+    #[test]
+    fn an_armed_request_buffer_is_the_slot_area() {
+        use handover_proto::reqlog::{self, Geometry};
+        use std::os::fd::AsRawFd;
+        let log = reqlog::create(4, 0).expect("log");
+        let g = Geometry::new(4);
+        let a = RequestBufferAlloc;
+        let other = Layout::from_size_align(16 << 20, 1).expect("layout");
+        let layout = Layout::from_size_align(FUSER_BUFFER, 1).expect("layout");
+        assert_eq!(
+            arm(log.as_raw_fd(), g.areas_offset(), u64::from(g.area), &[2]),
+            1
+        );
+        // SAFETY: non-zero-sized layouts; each block is freed with its layout.
+        unsafe {
+            let big = a.alloc_zeroed(other);
+            assert!(!big.is_null());
+            assert_eq!(granted(), 0, "a cache block took the reader's slot");
+            let p = a.alloc_zeroed(layout);
+            assert!(!p.is_null());
+            assert_eq!(granted(), 1);
+            assert_eq!(current_slot(), Some(2));
+            let s = std::slice::from_raw_parts_mut(p, layout.size());
+            assert!(s.iter().all(|b| *b == 0), "zeroed");
+            s[..8].copy_from_slice(b"request!");
+            s[layout.size() - 1] = 1; // the private part is usable too
+            let mut back = [0u8; 8];
+            let off = libc::off_t::try_from(g.area_offset(2)).expect("offset");
+            nix::sys::uio::pread(&log, &mut back, off).expect("pread");
+            assert_eq!(&back, b"request!", "the buffer is the slot's area");
+            a.dealloc(p, layout);
+            a.dealloc(big, other);
+        }
+        assert_eq!(current_slot(), None);
+        assert!(disarm().is_empty());
     }
 }

@@ -110,6 +110,9 @@ struct State {
     drained: u32,
     /// Requests answered since the gate was made.
     answered: u64,
+    /// Requests of a dead predecessor being answered from the request log and not
+    /// answered yet (`super::recover`): a plain drain waits for them.
+    recovering: usize,
 }
 
 /// The gate of one FUSE session. Share it as `Arc<Gate>` between the adapter and the
@@ -144,6 +147,7 @@ impl Gate {
                 parked_requests: 0,
                 drained: 0,
                 answered: 0,
+                recovering: 0,
             }),
             changed: Condvar::new(),
             workers: workers.max(1),
@@ -167,6 +171,18 @@ impl Gate {
     /// Threads parked now.
     pub fn parked(&self) -> usize {
         self.state.lock().parked
+    }
+
+    /// `n` requests of a dead predecessor are being answered from the request log.
+    pub fn recovery_started(&self, n: usize) {
+        self.state.lock().recovering += n;
+    }
+
+    /// One of them was answered (its reply reached the kernel), or given up.
+    pub fn recovery_answered(&self) {
+        let mut s = self.state.lock();
+        s.recovering = s.recovering.saturating_sub(1);
+        self.changed.notify_all();
     }
 
     /// Calls `hook` once, right after the next request is answered.
@@ -210,9 +226,16 @@ impl Gate {
 
     fn enter_as(&self, unique: Option<u64>, kind: PassKind, logged: bool) -> Pass<'_> {
         let worker = kind == PassKind::Worker;
+        // A recovered request does not start during a DrainLog freeze either: it stays in
+        // the log, for the successor.
+        let parks = |phase: Phase| match phase {
+            Phase::Frozen(FreezeMode::Resend) => true,
+            Phase::Frozen(FreezeMode::DrainLog) => !worker,
+            Phase::Frozen(FreezeMode::Drain) | Phase::Serving => false,
+        };
         let mut s = self.state.lock();
         let mut counted = false;
-        while s.phase == Phase::Frozen(FreezeMode::Resend) {
+        while parks(s.phase) {
             if !counted {
                 s.parked_requests += 1;
                 counted = true;
@@ -349,7 +372,10 @@ impl Gate {
         let workers = self.workers;
         let done = |s: &State| match ticket.mode {
             FreezeMode::Resend => s.executing == 0,
-            FreezeMode::Drain | FreezeMode::DrainLog => s.executing == 0 && s.parked >= workers,
+            // A plain drain also finishes what is being answered from the request log
+            // (the successor might not look there); DrainLog leaves it in the log.
+            FreezeMode::Drain => s.executing == 0 && s.parked >= workers && s.recovering == 0,
+            FreezeMode::DrainLog => s.executing == 0 && s.parked >= workers,
         };
         while s.epoch == ticket.epoch && !done(&s) {
             self.changed.wait(&mut s);
@@ -738,6 +764,57 @@ mod tests {
         assert_eq!(stats.drained, 2);
         gate.thaw();
         waiter.join().unwrap();
+        idle.join().unwrap();
+    }
+
+    #[test]
+    fn a_plain_drain_waits_for_recovered_requests_and_drain_log_leaves_them() {
+        // Plain drain: the recovered request's answer must reach the kernel first.
+        let gate = Gate::new(1);
+        gate.recovery_started(1);
+        let g = gate.clone();
+        let freezer = std::thread::spawn(move || g.freeze(FreezeMode::Drain, None));
+        eventually("the drain to begin", || gate.phase() != Phase::Serving);
+        let g = gate.clone();
+        let idle = std::thread::spawn(move || drop(g.enter()));
+        eventually("the worker to park", || gate.parked() == 1);
+        std::thread::sleep(SOON);
+        assert!(
+            !freezer.is_finished(),
+            "the drain must wait for the recovery"
+        );
+        gate.recovery_answered();
+        freezer.join().unwrap().unwrap();
+        gate.thaw();
+        idle.join().unwrap();
+
+        // DrainLog: a recovered request that has not started stays unexecuted (in the
+        // log, for the successor), and the freeze does not wait for it.
+        let gate = Gate::new(1);
+        gate.recovery_started(1);
+        let g = gate.clone();
+        let freezer = std::thread::spawn(move || g.freeze(FreezeMode::DrainLog, None));
+        eventually("the drain to begin", || gate.phase() != Phase::Serving);
+        let g = gate.clone();
+        let idle = std::thread::spawn(move || drop(g.enter()));
+        eventually("the worker to park", || gate.parked() == 1);
+        let stats = freezer.join().unwrap().unwrap();
+        assert_eq!(stats.drained, 1);
+        let executed = Arc::new(AtomicBool::new(false));
+        let (g, e) = (gate.clone(), executed.clone());
+        let recovered = std::thread::spawn(move || {
+            let _pass = g.enter_request(42, PassKind::Recovery);
+            e.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(SOON);
+        assert!(
+            !executed.load(Ordering::SeqCst),
+            "a recovered request ran in DrainLog"
+        );
+        assert_eq!(gate.parked(), 1, "a recovery thread is not a parked worker");
+        gate.thaw();
+        recovered.join().unwrap();
+        assert!(executed.load(Ordering::SeqCst));
         idle.join().unwrap();
     }
 

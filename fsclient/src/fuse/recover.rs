@@ -29,6 +29,7 @@ use nix::sys::socket::{
 };
 
 use super::adapter::BatonFs;
+use super::park::Gate;
 use super::relay::{self, RelayError};
 use super::reqlog::{Pending, RequestLog};
 
@@ -37,7 +38,7 @@ use super::reqlog::{Pending, RequestLog};
 const SOCKET_BUFFER: usize = 4 << 20;
 /// Most threads the recovery session runs (one per request, so that a request that waits
 /// for a lock does not hold the others up).
-const MAX_THREADS: usize = 64;
+const MAX_THREADS: usize = 256;
 
 /// Starting the recovery failed; the requests stay claimed in the log (a successor of
 /// this process would try again) and their callers wait.
@@ -77,14 +78,25 @@ fn write_reply(fuse: &OwnedFd, reply: &[u8], unique: u64) {
     }
 }
 
+/// Room for a datagram of [`SOCKET_BUFFER`] bytes: past the system's limit with
+/// CAP_NET_ADMIN (which the client has as root), else up to it.
 fn grow_buffers(fd: &OwnedFd) {
-    for r in [
-        setsockopt(fd, sockopt::SndBufForce, &SOCKET_BUFFER),
-        setsockopt(fd, sockopt::RcvBufForce, &SOCKET_BUFFER),
-    ] {
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "cannot grow the recovery socket buffers: large requests may not be answered");
-        }
+    if setsockopt(fd, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
+        let r = setsockopt(fd, sockopt::SndBuf, &SOCKET_BUFFER);
+        let got = nix::sys::socket::getsockopt(fd, sockopt::SndBuf).unwrap_or(0);
+        tracing::warn!(
+            ok = r.is_ok(),
+            bytes = got,
+            "the recovery socket buffer cannot be grown past the system's limit (no CAP_NET_ADMIN): a recovered request or reply larger than that is not answered"
+        );
+    }
+}
+
+/// `n` recovered requests will not be answered by this process (left in the log for a
+/// successor): a drain no longer waits for them.
+fn give_up(gate: &Gate, n: usize) {
+    for _ in 0..n {
+        gate.recovery_answered();
     }
 }
 
@@ -139,6 +151,8 @@ pub fn start(
         return Ok(started);
     }
     started.running = run.len() as u32;
+    let gate = fs.gate().clone();
+    gate.recovery_started(run.len());
 
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
@@ -172,6 +186,7 @@ pub fn start(
         .collect();
     let feed = ours.clone();
     let s = span.clone();
+    let feed_gate = gate.clone();
     std::thread::Builder::new()
         .name("recovery-feed".into())
         .spawn(move || {
@@ -183,6 +198,8 @@ pub fn start(
                         Err(Errno::EINTR) => continue,
                         Err(e) => {
                             tracing::error!(slot, unique = h.unique, opcode = h.opcode, error = %e, "cannot hand a recovered request to the recovery session: its caller waits");
+                            // Left to a successor; a drain does not wait for it.
+                            feed_gate.recovery_answered();
                             break;
                         }
                     }
@@ -204,12 +221,14 @@ pub fn start(
                 ) {
                     Ok(0) => {
                         tracing::error!(left = waiting.len(), "the recovery session ended before it answered every request");
+                        give_up(&gate, waiting.len());
                         return;
                     }
                     Ok(n) => n,
                     Err(Errno::EINTR) => continue,
                     Err(e) => {
                         tracing::error!(error = %e, left = waiting.len(), "cannot read the recovery session's replies");
+                        give_up(&gate, waiting.len());
                         return;
                     }
                 };
@@ -230,6 +249,7 @@ pub fn start(
                 }
                 write_reply(&fuse, reply, unique);
                 log.release(slot);
+                gate.recovery_answered();
             }
             tracing::info!(answered = total, "every request the predecessor left unanswered is answered");
             let _ = nix::sys::socket::shutdown(ours.as_fd().as_raw_fd(), Shutdown::Both);

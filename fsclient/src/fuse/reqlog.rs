@@ -4,7 +4,7 @@
 //!
 //! 1. When the log arrives (before the freeze of a live upgrade: the predecessor may still
 //!    serve), [`RequestLog::reserve`] takes free slots for this process's reader threads
-//!    and zeroes them. A free slot's area holds no unique (see [`RequestLog::release`]),
+//!    (the unique in the area first, then the marks, then the whole area). A free slot's area holds no unique (see [`RequestLog::release`]),
 //!    so a slot is never, at any instruction, taken with a request in it that could be
 //!    mistaken for one to answer.
 //! 2. After `Serve` (the predecessor is gone), [`RequestLog::take_over`] looks at every
@@ -104,6 +104,12 @@ impl RequestLog {
         self.header
     }
 
+    /// The generation before whose `Serve` the supervisor wrote FUSE_NOTIFY_RESEND last
+    /// (`handover_proto::reqlog::mark_resent`; 0: never).
+    pub fn resent_generation(&self) -> u64 {
+        self.map.u64_at(reqlog::hdr::RESENT).load(Ordering::Acquire)
+    }
+
     pub fn geometry(&self) -> Geometry {
         self.header.geometry
     }
@@ -154,6 +160,19 @@ impl RequestLog {
         self.map
             .u64_at(self.area_offset(i) + UNIQUE_AT)
             .store(0, Ordering::Release);
+        // The pages go back to the kernel (the slot's next taker zeroes, and so faults in,
+        // what it uses): a mount holds about its reader threads' areas, not every slot
+        // some generation once used. Best effort; the area reads as zeros either way.
+        let g = self.geometry();
+        if let Ok(off) = libc::off_t::try_from(g.area_offset(i)) {
+            let _ = nix::fcntl::fallocate(
+                &self.fd,
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                off,
+                libc::off_t::from(g.area),
+            );
+        }
         self.word(i, slot::OWNER)
             .store(reqlog::owner_word(state::FREE, 0), Ordering::Release);
     }
@@ -261,6 +280,11 @@ impl RequestLog {
                 if !take(i, reclaim) {
                     continue;
                 }
+                // The unique first: a reclaimed slot's area still holds an answered request,
+                // and cleared marks beside it would make it look unanswered.
+                self.map
+                    .u64_at(self.area_offset(i) + UNIQUE_AT)
+                    .store(0, Ordering::Release);
                 for f in [
                     slot::DONE,
                     slot::APPLIED,

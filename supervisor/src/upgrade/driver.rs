@@ -837,12 +837,16 @@ impl Driver {
                         c.process.kill();
                     }
                 }
-                Action::WriteResend => match mount::notify_resend(self.fuse.as_fd()) {
-                    Ok(()) => tracing::info!("FUSE_NOTIFY_RESEND written"),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot write FUSE_NOTIFY_RESEND: requests the old client read may wait forever")
+                Action::WriteResend { generation } => {
+                    // The request log is told first: the successor then frees what the
+                    // dead clients left in it instead of answering it a second time.
+                    if let Err(e) =
+                        handover_proto::reqlog::mark_resent(self.request_log.as_fd(), generation.0)
+                    {
+                        tracing::error!(error = %chain(&e), "cannot record the resend in the request log");
                     }
-                },
+                    self.write_resend()
+                }
                 Action::Report(outcome) => self.answer(outcome),
                 Action::MountGone { error } => {
                     if let Some(e) = error {
@@ -856,6 +860,15 @@ impl Driver {
             }
         }
         end
+    }
+
+    fn write_resend(&self) {
+        match mount::notify_resend(self.fuse.as_fd()) {
+            Ok(()) => tracing::info!("FUSE_NOTIFY_RESEND written"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write FUSE_NOTIFY_RESEND: requests the old client read may wait forever")
+            }
+        }
     }
 
     fn spawn(&mut self, generation: Generation, binary: PathBuf, start: ToClient) {

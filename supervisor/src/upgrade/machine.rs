@@ -246,6 +246,9 @@ pub struct Machine {
     resend_disabled: bool,
     /// The supervisor holds a request log: clients that can use it are sent it.
     request_log: bool,
+    /// A client that read /dev/fuse without reading into the request log died since the
+    /// last `Serve`: what it had read is only re-delivered by RESEND.
+    unlogged_reader_died: bool,
     /// The client last told to serve (the first one was, at the first mount).
     serving: ClientInfo,
     next_gen: Generation,
@@ -259,6 +262,16 @@ pub struct Machine {
     probation: Option<Probation>,
     stats: Stats,
     actions: VecDeque<Action>,
+}
+
+/// Whether a client announcing `hello` reads into the supervisor's request log (it is
+/// sent the log after `Prepared`; an adopted client whose log the supervisor could not get
+/// is recorded without the capability).
+fn reads_request_log(hello: &handover_proto::message::Hello) -> bool {
+    hello
+        .capabilities
+        .iter()
+        .any(|c| c == capability::REQUEST_LOG)
 }
 
 fn short(msg: &ToSupervisor) -> String {
@@ -290,6 +303,7 @@ impl Machine {
             kernel_resend: parsed.is_some_and(|r| r.has_resend()),
             resend_disabled: false,
             request_log: false,
+            unlogged_reader_died: false,
             init_request,
             init_reply,
             readers: alive.clone(),
@@ -449,6 +463,12 @@ impl Machine {
 
     /// Client `generation` exited (and was reaped). Its messages were all handled before.
     pub fn handle_exit(&mut self, now: Timestamp, generation: Generation, exit: ExitInfo) {
+        if self.readers.contains(&generation)
+            && self.serving.generation == generation
+            && !(self.request_log && reads_request_log(&self.serving.hello))
+        {
+            self.unlogged_reader_died = true;
+        }
         self.alive.remove(&generation);
         self.readers.remove(&generation);
         self.retiring.remove(&generation);
@@ -532,15 +552,27 @@ impl Machine {
         });
     }
 
-    /// RESEND, then `Serve` to `info`: only when no client reads.
+    /// RESEND, then `Serve` to `info`: only when no client reads. On a `--no-resend`
+    /// mount whose kernel can resend, RESEND is written all the same when the request log
+    /// cannot carry what dead clients had read: one of them did not read into it, or
+    /// `info` cannot answer from it (a build without the request log).
     fn resend_and_serve(&mut self, info: &ClientInfo, resend: bool) {
         debug_assert!(
             self.readers.is_empty(),
             "serve while {:?} read",
             self.readers
         );
-        if resend {
-            self.actions.push_back(Action::WriteResend);
+        let fallback = self.kernel_resend
+            && self.resend_disabled
+            && (self.unlogged_reader_died || !reads_request_log(&info.hello));
+        self.unlogged_reader_died = false;
+        if resend || fallback {
+            if fallback && !resend {
+                tracing::warn!(generation = %info.generation, "the request log cannot carry what the dead client had read: FUSE_NOTIFY_RESEND is written despite --no-resend");
+            }
+            self.actions.push_back(Action::WriteResend {
+                generation: info.generation,
+            });
         }
         self.readers.insert(info.generation);
         self.serving = info.clone();

@@ -142,8 +142,10 @@ pub enum Action {
     },
     /// SIGKILL client `generation` (its exit is reported as usual).
     Kill { generation: Generation },
-    /// Write FUSE_NOTIFY_RESEND to /dev/fuse. Emitted only when no client reads.
-    WriteResend,
+    /// Write FUSE_NOTIFY_RESEND to /dev/fuse. Emitted only when no client reads, right
+    /// before `Serve` to `generation` (which the request log is told: it then does not
+    /// answer from the log what is re-delivered).
+    WriteResend { generation: Generation },
     /// Answer the `baton upgrade` that is waiting.
     Report(Outcome),
     /// The FUSE connection ended (unmounted from outside): stop.

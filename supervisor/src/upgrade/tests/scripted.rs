@@ -618,6 +618,31 @@ fn with_resend_disabled_nothing_is_resent_and_upgrades_hand_over_through_the_log
 }
 
 #[test]
+fn with_resend_disabled_a_client_outside_the_log_is_still_resent() {
+    // The serving client does not read into the supervisor's log (an adopted one whose
+    // log could not be had, or an older build): its requests only come back by RESEND.
+    let mut old_build = Script::ack("1.0");
+    old_build
+        .hello
+        .capabilities
+        .retain(|c| c != capability::REQUEST_LOG);
+    let mut sim = Sim::resend_disabled(old_build);
+    sim.crash(Generation(1));
+    sim.run(LONG);
+    assert_eq!(sim.m.serving().generation, Generation(2));
+    assert!(sim.seen.contains(&Seen::Resend), "{:?}", sim.seen);
+    // Generation 2 reads into the log: its crash is answered from there, no RESEND.
+    let resends = sim.seen.iter().filter(|s| **s == Seen::Resend).count();
+    sim.crash(Generation(2));
+    sim.run(LONG);
+    assert_eq!(sim.m.serving().generation, Generation(3));
+    assert_eq!(
+        sim.seen.iter().filter(|s| **s == Seen::Resend).count(),
+        resends
+    );
+}
+
+#[test]
 fn a_crash_loop_backs_off_and_says_why() {
     let mut sim = Sim::new(Script::ack("1.0"), true);
     for _ in 0..4 {
