@@ -1,13 +1,13 @@
 //! A size-bounded cache of block objects, on local disk or in memory.
 //!
 //! Block objects are immutable (an overwrite writes a new slice with new keys), so a
-//! cached copy never goes stale: it is filled on upload (write-through) and on download,
-//! and only eviction (least recently used, when the total exceeds the bound) or garbage
-//! collection removes it. On disk each block is one file, `DIR/<object key>`, with a
-//! header holding the length and a CRC32C of every 64 KiB segment, so that a read of a
-//! small range reads and verifies only the segments it needs (a FUSE read is far smaller
-//! than a block). The index is rebuilt by scanning
-//! the directory when the cache is opened, so the cache survives restarts (recency
+//! cached copy never goes stale: it is filled on download and, for partial blocks (small
+//! files, the tails of big ones), on upload (write-through), and only eviction (least
+//! recently used, when the total exceeds the bound) or garbage collection removes it. On
+//! disk each block is one file, `DIR/<object key>`, with a header holding the length and a
+//! CRC32C of every 64 KiB segment, so that a read of a small range reads and verifies only
+//! the segments it needs (a FUSE read is far smaller than a block). The index is rebuilt by
+//! scanning the directory when the cache is opened, so the cache survives restarts (recency
 //! starts from the files' modification times).
 //!
 //! What it must never do: return bytes that differ from what was put. A file that is

@@ -32,7 +32,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
@@ -82,6 +82,9 @@ impl Default for DataConfig {
         }
     }
 }
+
+/// How long the write journal keeps the memory it reuses after the last write.
+pub const JOURNAL_IDLE: Duration = Duration::from_secs(60);
 
 /// Counters of the data path (monotonic, except the gauges noted).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -383,6 +386,14 @@ impl DataStore {
     pub fn discard(&self, ino: Ino) {
         self.writer.discard(ino);
         self.ctx.layouts.invalidate(ino);
+    }
+
+    /// Returns the write journal's free memory to the kernel once nothing was written for
+    /// [`JOURNAL_IDLE`] (called from the background tick); see `journal`.
+    pub fn trim_journal_if_idle(&self, now: Instant) {
+        if let Some(j) = self.writer.journal().filter(|j| j.is_owned()) {
+            j.trim_if_idle(now, JOURNAL_IDLE);
+        }
     }
 
     /// Deletes the objects of slices dead for longer than `grace` and forgets them;

@@ -153,15 +153,29 @@ impl PendingSlice {
             let block_start = index as u32 * block_size;
             let upto = end.min(block_start + block_size);
             if index == self.blocks.len() {
-                self.blocks.push(Block::Open(Vec::new()));
+                // A stream's later blocks fill up: allocate them whole, once.
+                let buf = if index > 0 {
+                    Vec::with_capacity(block_size as usize)
+                } else {
+                    Vec::new()
+                };
+                self.blocks.push(Block::Open(buf));
             }
             if let Some(Block::Open(buf)) = self.blocks.get_mut(index) {
                 let (from, to) = ((at - block_start) as usize, (upto - block_start) as usize);
+                let src = &data[(at - off) as usize..(upto - off) as usize];
                 if buf.len() < to {
                     grown += (to - buf.len()) as u64;
-                    buf.resize(to, 0);
+                    // Appended bytes are copied once, not zeroed first.
+                    if from > buf.len() {
+                        buf.resize(from, 0);
+                    }
+                    let overlap = buf.len() - from;
+                    buf[from..].copy_from_slice(&src[..overlap]);
+                    buf.extend_from_slice(&src[overlap..]);
+                } else {
+                    buf[from..to].copy_from_slice(src);
                 }
-                buf[from..to].copy_from_slice(&data[(at - off) as usize..(upto - off) as usize]);
             }
             at = upto;
         }
@@ -576,46 +590,72 @@ impl Writer {
             let permit = inner.uploads.clone().acquire_owned().await;
             let result = ctx.store.put(&key, data.clone()).await;
             drop(permit);
-            if result.is_ok() {
-                ctx.stats.uploaded_blocks.fetch_add(1, Ordering::Relaxed);
-                let (cache, key, data) = (ctx.cache.clone(), key.clone(), data.clone());
-                // Write-through: the block is about to be read by whoever reads this file.
-                let _ = tokio::task::spawn_blocking(move || cache.put(&key, &data)).await;
-            }
-            let mut st = file.state.lock();
-            let len = data.len() as u64;
-            let block = st.slice_mut(seq).and_then(|s| s.blocks.get_mut(index));
-            let freed = match (block, result) {
-                (Some(b), Ok(())) => {
-                    *b = Block::Stored;
-                    len
+            // Write-through for partial blocks only (small files, the tails of big ones):
+            // they are what is read back soon, while full blocks of a stream would write
+            // the disk twice and push the readers' blocks out of the cache. Done after the
+            // block counts as stored: a flush does not wait for it.
+            let partial = data.len() < ctx.block_size as usize;
+            let cache_copy = match &result {
+                Ok(()) => {
+                    ctx.stats.uploaded_blocks.fetch_add(1, Ordering::Relaxed);
+                    partial.then(|| (key.clone(), data.clone()))
                 }
-                (Some(b), Err(e)) => {
-                    tracing::warn!(%ino, key, error = %e, "block upload failed; kept for a retry");
-                    *b = Block::Frozen(data);
-                    let e = (key, Arc::new(e));
-                    st.last_error = Some(e.clone());
-                    if st.error.is_none() {
-                        st.error = Some(e);
-                    }
-                    0
-                }
-                (None, result) => {
-                    // Discarded while uploading: nothing will ever reference the object.
-                    if result.is_ok() {
-                        let store = ctx.store.clone();
-                        ctx.rt.spawn(async move { store.delete(&key).await });
-                    }
-                    len
-                }
+                Err(_) => None,
             };
-            st.buffered = st.buffered.saturating_sub(freed);
-            drop(st);
+            let freed = Self::upload_done(&ctx, &file, ino, seq, index, key, data, result);
             inner.in_flight.fetch_sub(1, Ordering::AcqRel);
             file.changed.notify_all();
             inner.release(freed);
+            if let Some((key, data)) = cache_copy {
+                let cache = ctx.cache.clone();
+                let _ = tokio::task::spawn_blocking(move || cache.put(&key, &data)).await;
+            }
         });
         Ok(())
+    }
+
+    /// Records the end of the upload of block `index` of slice `seq`; returns the bytes
+    /// it frees from the buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn upload_done(
+        ctx: &Ctx,
+        file: &FileBuf,
+        ino: Ino,
+        seq: u64,
+        index: usize,
+        key: String,
+        data: Bytes,
+        result: opendal::Result<()>,
+    ) -> u64 {
+        let mut st = file.state.lock();
+        let len = data.len() as u64;
+        let block = st.slice_mut(seq).and_then(|s| s.blocks.get_mut(index));
+        let freed = match (block, result) {
+            (Some(b), Ok(())) => {
+                *b = Block::Stored;
+                len
+            }
+            (Some(b), Err(e)) => {
+                tracing::warn!(%ino, key, error = %e, "block upload failed; kept for a retry");
+                *b = Block::Frozen(data);
+                let e = (key, Arc::new(e));
+                st.last_error = Some(e.clone());
+                if st.error.is_none() {
+                    st.error = Some(e);
+                }
+                0
+            }
+            (None, result) => {
+                // Discarded while uploading: nothing will ever reference the object.
+                if result.is_ok() {
+                    let store = ctx.store.clone();
+                    ctx.rt.spawn(async move { store.delete(&key).await });
+                }
+                len
+            }
+        };
+        st.buffered = st.buffered.saturating_sub(freed);
+        freed
     }
 
     /// Uploads and commits every slice of `ino` written before the call.

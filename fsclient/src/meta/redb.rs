@@ -18,20 +18,70 @@
 //! The database is opened in redb's multi-writer mode: during a live upgrade the old and
 //! the new client both have it open, and redb serializes their write transactions with
 //! file locks. Every commit is durable (fsync) before the operation is answered.
+//!
+//! Group commit: concurrent changes share one durable commit. An operation that arrives
+//! while a commit is being made waits for it, then runs in the next transaction together
+//! with every other operation that waited; the last of them to run commits it, and each is
+//! answered once that commit is durable (and fails if it failed). Within a shared
+//! transaction an operation's writes go to an overlay first, so one that fails leaves no
+//! trace in the others' commit.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
-use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use parking_lot::{Condvar, Mutex};
 
 use super::*;
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("baton");
 
 /// The redb backend.
-#[derive(Debug)]
 pub struct RedbBackend {
     db: Database,
+    group: Mutex<Group>,
+    /// Signalled when a commit ends.
+    committed: Condvar,
 }
+
+impl std::fmt::Debug for RedbBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbBackend").finish_non_exhaustive()
+    }
+}
+
+/// The group commit's state.
+#[derive(Default)]
+struct Group {
+    /// The transaction operations are joining, if one is open.
+    open: Option<WriteTransaction>,
+    /// Number of the open transaction (or of the next one).
+    batch: u64,
+    /// A commit is being made (outside the lock).
+    committing: bool,
+    /// Operations waiting for that commit to end; they join the next transaction, and
+    /// nobody commits it before all of them have run.
+    waiting: usize,
+    /// Every batch up to this one has ended.
+    ended: u64,
+    /// Recent batches whose commit failed, and why.
+    failed: BTreeMap<u64, Arc<str>>,
+}
+
+/// Recent failed batches kept for their operations to find.
+const FAILED_KEPT: usize = 256;
+
+#[derive(Debug)]
+struct CommitFailed(Arc<str>);
+
+impl std::fmt::Display for CommitFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "commit failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for CommitFailed {}
 
 fn backend_err(e: impl std::error::Error + Send + Sync + 'static) -> MetaError {
     MetaError::Backend {
@@ -58,8 +108,125 @@ impl RedbBackend {
         let w = db.begin_write().map_err(|e| open_err(Box::new(e)))?;
         w.open_table(KV).map_err(|e| open_err(Box::new(e)))?;
         w.commit().map_err(|e| open_err(Box::new(e)))?;
-        Ok(RedbBackend { db })
+        Ok(RedbBackend {
+            db,
+            group: Mutex::new(Group {
+                batch: 1,
+                ..Group::default()
+            }),
+            committed: Condvar::new(),
+        })
     }
+
+    /// Runs `f` in the open shared transaction (opening one if needed), its writes kept
+    /// only if it succeeds; then commits the transaction if nobody else will join it, or
+    /// waits for the one who does.
+    fn write_grouped<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        let mut g = self.group.lock();
+        g.waiting += 1;
+        while g.committing {
+            self.committed.wait(&mut g);
+        }
+        g.waiting -= 1;
+        if g.open.is_none() {
+            match self.db.begin_write() {
+                Ok(w) => g.open = Some(w),
+                Err(e) => {
+                    let e = backend_err(e);
+                    self.end_batch(&mut g, Some(&e));
+                    return Err(e);
+                }
+            }
+        }
+        let batch = g.batch;
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            g.open.as_ref().map(|w| run_in(w, f))
+        }));
+        let ran = match ran {
+            Ok(ran) => ran,
+            Err(panic) => {
+                // Nobody would commit (or fail) the batch its other operations wait for.
+                if let Some(w) = g.open.take() {
+                    let _ = w.abort();
+                }
+                let e = backend_err(CommitFailed("an operation of the batch panicked".into()));
+                self.end_batch(&mut g, Some(&e));
+                drop(g);
+                std::panic::resume_unwind(panic);
+            }
+        };
+        let out = match ran {
+            Some(Ok(out)) => out,
+            Some(Err(e)) => {
+                // The transaction itself failed: nothing of this batch is committed.
+                if let Some(w) = g.open.take() {
+                    let _ = w.abort();
+                }
+                self.end_batch(&mut g, Some(&e));
+                return Err(e);
+            }
+            None => unreachable!("a transaction was opened above"),
+        };
+        if g.waiting == 0 {
+            let w = g.open.take();
+            g.committing = true;
+            let res = parking_lot::MutexGuard::unlocked(&mut g, || match w {
+                Some(w) => w.commit().map_err(backend_err),
+                None => Ok(()),
+            });
+            g.committing = false;
+            self.end_batch(&mut g, res.as_ref().err());
+            res?;
+            return out;
+        }
+        while g.ended < batch {
+            self.committed.wait(&mut g);
+        }
+        match g.failed.get(&batch) {
+            Some(why) => Err(backend_err(CommitFailed(why.clone()))),
+            None => out,
+        }
+    }
+
+    /// Ends the open batch, with its commit's error if it failed, and wakes its waiters.
+    fn end_batch(&self, g: &mut Group, err: Option<&MetaError>) {
+        if let Some(e) = err {
+            g.failed.insert(g.batch, e.to_string().into());
+            while g.failed.len() > FAILED_KEPT {
+                g.failed.pop_first();
+            }
+        }
+        g.ended = g.batch;
+        g.batch += 1;
+        self.committed.notify_all();
+    }
+}
+
+/// Runs `f` on the table of `w` through an overlay and applies the overlay if `f`
+/// succeeded. The outer error is the transaction's (it must not be committed); the inner
+/// one is the operation's.
+fn run_in<T>(
+    w: &WriteTransaction,
+    f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>,
+) -> Result<Result<T>> {
+    let table = w.open_table(KV).map_err(backend_err)?;
+    let mut tx = RedbTx {
+        table: TableRef::Write(table),
+        overlay: BTreeMap::new(),
+    };
+    let out = f(&mut tx);
+    if out.is_ok() {
+        let RedbTx { table, overlay } = tx;
+        if let TableRef::Write(mut t) = table {
+            for (k, v) in overlay {
+                match v {
+                    Some(v) => t.insert(k.as_slice(), v.as_slice()).map_err(backend_err)?,
+                    None => t.remove(k.as_slice()).map_err(backend_err)?,
+                };
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl Backend for RedbBackend {
@@ -68,24 +235,7 @@ impl Backend for RedbBackend {
     }
 
     fn write<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
-        let w = self.db.begin_write().map_err(backend_err)?;
-        let out = {
-            let table = w.open_table(KV).map_err(backend_err)?;
-            let mut tx = RedbTx {
-                table: TableRef::Write(table),
-            };
-            f(&mut tx)
-        };
-        match out {
-            Ok(v) => {
-                w.commit().map_err(backend_err)?;
-                Ok(v)
-            }
-            Err(e) => {
-                w.abort().map_err(backend_err)?;
-                Err(e)
-            }
-        }
+        self.write_grouped(f)
     }
 
     fn read<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
@@ -93,6 +243,7 @@ impl Backend for RedbBackend {
         let table = r.open_table(KV).map_err(backend_err)?;
         let mut tx = RedbTx {
             table: TableRef::Read(table),
+            overlay: BTreeMap::new(),
         };
         f(&mut tx)
     }
@@ -105,6 +256,8 @@ enum TableRef<'t> {
 
 struct RedbTx<'t> {
     table: TableRef<'t>,
+    /// This operation's writes (`None`: deleted), applied to the table if it succeeds.
+    overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
@@ -146,6 +299,9 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 impl RedbTx<'_> {
     fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(v) = self.overlay.get(k) {
+            return Ok(v.clone());
+        }
         let v = match &self.table {
             TableRef::Write(t) => t.get(k).map_err(backend_err)?.map(|g| g.value().to_vec()),
             TableRef::Read(t) => t.get(k).map_err(backend_err)?.map(|g| g.value().to_vec()),
@@ -154,9 +310,9 @@ impl RedbTx<'_> {
     }
 
     fn put(&mut self, k: &[u8], v: &[u8]) -> Result<()> {
-        match &mut self.table {
-            TableRef::Write(t) => {
-                t.insert(k, v).map_err(backend_err)?;
+        match &self.table {
+            TableRef::Write(_) => {
+                self.overlay.insert(k.to_vec(), Some(v.to_vec()));
                 Ok(())
             }
             TableRef::Read(_) => Err(MetaError::ReadOnly),
@@ -164,26 +320,53 @@ impl RedbTx<'_> {
     }
 
     fn del(&mut self, k: &[u8]) -> Result<()> {
-        match &mut self.table {
-            TableRef::Write(t) => {
-                t.remove(k).map_err(backend_err)?;
+        match &self.table {
+            TableRef::Write(_) => {
+                self.overlay.insert(k.to_vec(), None);
                 Ok(())
             }
             TableRef::Read(_) => Err(MetaError::ReadOnly),
         }
     }
 
-    /// Keys and values in `[from, to)`, at most `limit`.
+    /// Keys and values in `[from, to)`, at most `limit`: the table's, as this operation's
+    /// overlay changes them.
     fn scan(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
+        if from >= to {
+            return Ok(out);
+        }
+        let mut ov = self
+            .overlay
+            .range::<[u8], _>((
+                std::ops::Bound::Included(from),
+                std::ops::Bound::Excluded(to),
+            ))
+            .peekable();
+        // Emits the overlay's live entries before `upto` (all of them for `None`).
+        let mut drain = |out: &mut Vec<(Vec<u8>, Vec<u8>)>, upto: Option<&[u8]>| {
+            while let Some((k, v)) = ov.peek() {
+                if upto.is_some_and(|u| k.as_slice() >= u) || out.len() >= limit {
+                    break;
+                }
+                if let Some(v) = v {
+                    out.push((k.to_vec(), v.clone()));
+                }
+                ov.next();
+            }
+        };
         macro_rules! collect {
             ($t:expr) => {{
                 for item in $t.range::<&[u8]>(from..to).map_err(backend_err)? {
+                    let (k, v) = item.map_err(backend_err)?;
+                    let k = k.value();
+                    drain(&mut out, Some(k));
                     if out.len() >= limit {
                         break;
                     }
-                    let (k, v) = item.map_err(backend_err)?;
-                    out.push((k.value().to_vec(), v.value().to_vec()));
+                    if !self.overlay.contains_key(k) {
+                        out.push((k.to_vec(), v.value().to_vec()));
+                    }
                 }
             }};
         }
@@ -191,6 +374,7 @@ impl RedbTx<'_> {
             TableRef::Write(t) => collect!(t),
             TableRef::Read(t) => collect!(t),
         }
+        drain(&mut out, None);
         Ok(out)
     }
 
@@ -486,5 +670,141 @@ impl Tx for RedbTx<'_> {
             self.del(&k)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend() -> (tempfile::TempDir, RedbBackend) {
+        let dir = tempfile::tempdir().unwrap();
+        let b = RedbBackend::open(&dir.path().join("meta.redb")).unwrap();
+        (dir, b)
+    }
+
+    fn entry(ino: u64, cookie: u64) -> Dentry {
+        Dentry {
+            ino: Ino(ino),
+            kind: FileKind::File,
+            cookie,
+        }
+    }
+
+    fn names(b: &RedbBackend, limit: usize) -> Vec<Vec<u8>> {
+        b.read(&mut |tx| tx.dir_entries(Ino::ROOT, 0, limit))
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    #[test]
+    fn scans_in_a_write_see_its_own_writes() {
+        let (_dir, b) = backend();
+        b.write(&mut |tx| {
+            for (i, n) in [b"a", b"b", b"c"].iter().enumerate() {
+                tx.set_dentry(Ino::ROOT, *n, &entry(10 + i as u64, 1 + i as u64))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let seen = b
+            .write(&mut |tx| {
+                tx.del_dentry(Ino::ROOT, b"b", 2)?;
+                tx.set_dentry(Ino::ROOT, b"d", &entry(13, 4))?;
+                tx.set_dentry(Ino::ROOT, b"a0", &entry(14, 0))?;
+                let all = tx.dir_entries(Ino::ROOT, 0, usize::MAX)?;
+                let two = tx.dir_entries(Ino::ROOT, 0, 2)?;
+                let empty = tx.dir_is_empty(Ino::ROOT)?;
+                Ok((all, two, empty))
+            })
+            .unwrap();
+        let n = |v: &[(Vec<u8>, Dentry)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        // Cookie order: a (1), c (3), d (4); a0 has cookie 0, before the scan's start.
+        assert_eq!(
+            n(&seen.0),
+            vec![b"a".to_vec(), b"c".to_vec(), b"d".to_vec()]
+        );
+        assert_eq!(n(&seen.1), vec![b"a".to_vec(), b"c".to_vec()]);
+        assert!(!seen.2);
+        assert_eq!(names(&b, usize::MAX), n(&seen.0));
+    }
+
+    #[test]
+    fn a_failed_operation_leaves_nothing() {
+        let (_dir, b) = backend();
+        let r: Result<()> = b.write(&mut |tx| {
+            tx.set_dentry(Ino::ROOT, b"x", &entry(10, 1))?;
+            Err(MetaError::Exists)
+        });
+        assert!(matches!(r, Err(MetaError::Exists)));
+        assert!(names(&b, usize::MAX).is_empty());
+        assert!(
+            b.read(&mut |tx| tx.dentry(Ino::ROOT, b"x"))
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_panicking_operation_fails_only_its_batch() {
+        let (_dir, b) = backend();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            b.write(&mut |tx| -> Result<()> {
+                tx.set_dentry(Ino::ROOT, b"lost", &entry(10, 1))?;
+                panic!("an operation's bug")
+            })
+        }));
+        assert!(r.is_err());
+        b.write(&mut |tx| tx.set_dentry(Ino::ROOT, b"kept", &entry(11, 2)))
+            .unwrap();
+        assert_eq!(names(&b, usize::MAX), vec![b"kept".to_vec()]);
+    }
+
+    #[test]
+    fn concurrent_operations_share_commits_and_keep_their_own_outcome() {
+        let (_dir, b) = backend();
+        let b = Arc::new(b);
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50u64 {
+                        let name = format!("t{t}-{i}");
+                        let fail = i % 5 == 0;
+                        let r = b.write(&mut |tx| {
+                            let cookie = tx.alloc(Counter::Inode, 1)?;
+                            tx.set_dentry(Ino::ROOT, name.as_bytes(), &entry(cookie, cookie))?;
+                            if fail {
+                                return Err(MetaError::Exists);
+                            }
+                            Ok(cookie)
+                        });
+                        assert_eq!(r.is_err(), fail, "{name}: {r:?}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut got: Vec<String> = names(&b, usize::MAX)
+            .into_iter()
+            .map(|n| String::from_utf8(n).unwrap())
+            .collect();
+        got.sort();
+        let mut want: Vec<String> = (0..8)
+            .flat_map(|t| {
+                (0..50)
+                    .filter(|i| i % 5 != 0)
+                    .map(move |i| format!("t{t}-{i}"))
+            })
+            .collect();
+        want.sort();
+        assert_eq!(got, want);
+        // Failed operations allocated nothing: the counter moved once per success.
+        let next = b.write(&mut |tx| tx.alloc(Counter::Inode, 1)).unwrap();
+        assert_eq!(next, want.len() as u64 + 1);
     }
 }

@@ -1,6 +1,7 @@
 //! Background duties of a mounted client: the session heartbeat, cleaning up sessions of
-//! clients that died, deleting objects no file references any more, and dropping request
-//! records that can no longer be needed (exactly-once, `vfs::requests`).
+//! clients that died, deleting objects no file references any more, dropping request
+//! records that can no longer be needed (exactly-once, `vfs::requests`), and returning an
+//! idle write journal's free memory to the kernel.
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Weak};
@@ -76,6 +77,7 @@ fn run(vfs: Weak<Vfs>, stopped: mpsc::Receiver<()>) {
         }
         let now = Instant::now();
         vfs.forget_requests(now);
+        vfs.data().trim_journal_if_idle(now);
         if now >= next_clean {
             next_clean = now + cfg.session_timeout / 4;
             let deadline = Timestamp(Timestamp::now().0 - cfg.session_timeout.as_nanos() as i64);
