@@ -575,7 +575,15 @@ impl Writer {
             return Ok(());
         };
         let data = match std::mem::replace(block, Block::Stored) {
-            Block::Open(v) => Bytes::from(v),
+            Block::Open(mut v) => {
+                // A partial block allocated whole (see `apply`) must not keep the rest of
+                // its allocation alive in the cache and the buffers, which count only its
+                // length.
+                if v.len() < v.capacity() {
+                    v.shrink_to_fit();
+                }
+                Bytes::from(v)
+            }
             Block::Frozen(b) => b,
             other => {
                 *block = other;

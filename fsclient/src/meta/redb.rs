@@ -28,7 +28,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use parking_lot::{Condvar, Mutex};
@@ -56,8 +56,12 @@ impl std::fmt::Debug for RedbBackend {
 struct Group {
     /// The transaction operations are joining, if one is open.
     open: Option<WriteTransaction>,
+    /// An operation of the open transaction changed something: it must be committed.
+    dirty: bool,
     /// Number of the open transaction (or of the next one).
     batch: u64,
+    /// How the open batch ends, shared with its operations: set when it ends.
+    outcome: Arc<OnceLock<Result<(), Arc<str>>>>,
     /// A commit is being made (outside the lock).
     committing: bool,
     /// Operations waiting for that commit to end; they join the next transaction, and
@@ -65,12 +69,7 @@ struct Group {
     waiting: usize,
     /// Every batch up to this one has ended.
     ended: u64,
-    /// Recent batches whose commit failed, and why.
-    failed: BTreeMap<u64, Arc<str>>,
 }
-
-/// Recent failed batches kept for their operations to find.
-const FAILED_KEPT: usize = 256;
 
 #[derive(Debug)]
 struct CommitFailed(Arc<str>);
@@ -139,6 +138,7 @@ impl RedbBackend {
             }
         }
         let batch = g.batch;
+        let outcome = g.outcome.clone();
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             g.open.as_ref().map(|w| run_in(w, f))
         }));
@@ -156,7 +156,10 @@ impl RedbBackend {
             }
         };
         let out = match ran {
-            Some(Ok(out)) => out,
+            Some(Ok((out, changed))) => {
+                g.dirty |= changed;
+                out
+            }
             Some(Err(e)) => {
                 // The transaction itself failed: nothing of this batch is committed.
                 if let Some(w) = g.open.take() {
@@ -169,8 +172,11 @@ impl RedbBackend {
         };
         if g.waiting == 0 {
             let w = g.open.take();
+            let dirty = std::mem::take(&mut g.dirty);
             g.committing = true;
             let res = parking_lot::MutexGuard::unlocked(&mut g, || match w {
+                // Only failed operations ran: nothing to make durable.
+                Some(w) if !dirty => w.abort().map_err(backend_err),
                 Some(w) => w.commit().map_err(backend_err),
                 None => Ok(()),
             });
@@ -182,20 +188,24 @@ impl RedbBackend {
         while g.ended < batch {
             self.committed.wait(&mut g);
         }
-        match g.failed.get(&batch) {
-            Some(why) => Err(backend_err(CommitFailed(why.clone()))),
-            None => out,
+        drop(g);
+        match outcome.get() {
+            Some(Ok(())) => out,
+            Some(Err(why)) => Err(backend_err(CommitFailed(why.clone()))),
+            None => Err(backend_err(CommitFailed(
+                "the batch ended without an outcome".into(),
+            ))),
         }
     }
 
     /// Ends the open batch, with its commit's error if it failed, and wakes its waiters.
     fn end_batch(&self, g: &mut Group, err: Option<&MetaError>) {
-        if let Some(e) = err {
-            g.failed.insert(g.batch, e.to_string().into());
-            while g.failed.len() > FAILED_KEPT {
-                g.failed.pop_first();
-            }
-        }
+        let outcome = std::mem::take(&mut g.outcome);
+        let _ = outcome.set(match err {
+            Some(e) => Err(e.to_string().into()),
+            None => Ok(()),
+        });
+        g.dirty = false;
         g.ended = g.batch;
         g.batch += 1;
         self.committed.notify_all();
@@ -203,20 +213,22 @@ impl RedbBackend {
 }
 
 /// Runs `f` on the table of `w` through an overlay and applies the overlay if `f`
-/// succeeded. The outer error is the transaction's (it must not be committed); the inner
-/// one is the operation's.
+/// succeeded; also says whether it changed anything. The outer error is the
+/// transaction's (it must not be committed); the inner one is the operation's.
 fn run_in<T>(
     w: &WriteTransaction,
     f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>,
-) -> Result<Result<T>> {
+) -> Result<(Result<T>, bool)> {
     let table = w.open_table(KV).map_err(backend_err)?;
     let mut tx = RedbTx {
         table: TableRef::Write(table),
         overlay: BTreeMap::new(),
     };
     let out = f(&mut tx);
+    let mut changed = false;
     if out.is_ok() {
         let RedbTx { table, overlay } = tx;
+        changed = !overlay.is_empty();
         if let TableRef::Write(mut t) = table {
             for (k, v) in overlay {
                 match v {
@@ -226,7 +238,7 @@ fn run_in<T>(
             }
         }
     }
-    Ok(out)
+    Ok((out, changed))
 }
 
 impl Backend for RedbBackend {
