@@ -83,6 +83,7 @@ impl Default for BuildInfo {
                 capability::DRAIN,
                 capability::TAKEOVER,
                 capability::REQUEST_LOG,
+                capability::STATE_DELTA,
             ]
             .map(String::from)
             .to_vec(),
@@ -153,6 +154,8 @@ pub enum ClientError {
     State(#[source] handover_proto::state::StateError),
     #[error("the predecessor's state is in schema version {0}, which this build does not announce")]
     StateVersion(u16),
+    #[error("the predecessor's base state came without the changes since it")]
+    NoDelta,
     #[error("cannot take over the predecessor's state")]
     Import(#[source] ImportError),
     #[error("cannot read what the crashed predecessor's session holds")]
@@ -489,13 +492,35 @@ impl Client {
         )?;
         tracing::info!(session = %self.vfs.session(), "volume open; waiting for the {}", if self.resumed { "state and the INIT" } else { "kernel's INIT" });
 
-        // A successor receives its predecessor's state before the INIT.
+        // A successor receives its predecessor's state before the INIT: whole, or a base
+        // (staged while the predecessor serves on) and then the changes since.
         let mut assembler = Assembler::default();
         let mut state_bytes = None;
+        let mut base = Assembler::default();
+        let mut staged: Option<handover::Staged> = None;
         let (request, fuse) = loop {
             let (msg, mut fds) =
                 channel::recv::<ToClient>(sock, None).map_err(ClientError::Recv)?;
             match msg {
+                ToClient::BaseState(chunk)
+                    if self.resumed && staged.is_none() && state_bytes.is_none() =>
+                {
+                    let done = match base.push(chunk) {
+                        Ok(done) => done,
+                        Err(e) => return Err(self.base_refused(ClientError::State(e))),
+                    };
+                    if let Some(bytes) = done {
+                        let started = Instant::now();
+                        match self.stage(&bytes) {
+                            Ok(st) => {
+                                tracing::info!(lookups = st.lookups(), elapsed = ?started.elapsed(), "predecessor's base state staged");
+                                staged = Some(st);
+                                send(sock, &ToSupervisor::BaseStaged { error: None })?;
+                            }
+                            Err(e) => return Err(self.base_refused(e)),
+                        }
+                    }
+                }
                 ToClient::State(chunk) if self.resumed && state_bytes.is_none() => {
                     match assembler.push(chunk) {
                         Ok(done) => state_bytes = done,
@@ -535,9 +560,15 @@ impl Client {
             }
         };
         if self.resumed {
-            match state_bytes {
-                Some(bytes) => self.import(&bytes).map_err(|e| fail(sock, e))?,
-                None => {
+            match (state_bytes, staged) {
+                (Some(bytes), Some(staged)) => self
+                    .import_delta(staged, &bytes)
+                    .map_err(|e| fail(sock, e))?,
+                (None, Some(_)) => {
+                    return Err(fail(sock, ClientError::NoDelta));
+                }
+                (Some(bytes), None) => self.import(&bytes).map_err(|e| fail(sock, e))?,
+                (None, None) => {
                     if let Err(e) = std::mem::take(&mut assembler).finish() {
                         if !matches!(
                             e,
@@ -757,6 +788,71 @@ impl Client {
         }
     }
 
+    /// Decodes and checks a predecessor's base state, and builds its tables.
+    fn stage(&self, bytes: &[u8]) -> Result<handover::Staged, ClientError> {
+        let state = handover::decode(bytes).map_err(ClientError::Import)?;
+        if !self.build.state_versions.contains(&state.version()) {
+            return Err(ClientError::StateVersion(state.version()));
+        }
+        handover::Staged::new(&self.vfs, state.into_latest()).map_err(ClientError::Import)
+    }
+
+    /// Tells the supervisor that the base cannot be used (it rolls the upgrade back).
+    fn base_refused(&self, err: ClientError) -> ClientError {
+        let error = Some(error_chain(&err));
+        send_or_log(self.sock(), &ToSupervisor::BaseStaged { error });
+        err
+    }
+
+    /// Decodes the changes since the staged base, applies them and imports the whole.
+    fn import_delta(
+        &mut self,
+        mut staged: handover::Staged,
+        bytes: &[u8],
+    ) -> Result<(), ClientError> {
+        let delta = handover_proto::state::decode_delta(bytes)
+            .map_err(|e| ClientError::Import(ImportError::Decode(e)))?;
+        if !self.build.state_versions.contains(&delta.version()) {
+            return Err(ClientError::StateVersion(delta.version()));
+        }
+        staged
+            .apply(delta.into_latest())
+            .map_err(ClientError::Import)?;
+        staged.import(&self.vfs).map_err(ClientError::Import)?;
+        Ok(())
+    }
+
+    /// Flushes, exports the state while serving and sends it (`PreExport`); `Err` is the
+    /// reason for `PreFlushed { error }`.
+    fn pre_export(&self, conn: &Connection, state_version: u16) -> Result<usize, String> {
+        if !self.build.can(capability::STATE_DELTA) {
+            return Err(format!(
+                "this build ({}) cannot export a base state",
+                self.build.version
+            ));
+        }
+        if !self.build.state_versions.contains(&state_version) {
+            return Err(format!(
+                "this build ({}) cannot export state schema version {state_version}",
+                self.build.version
+            ));
+        }
+        let chunks = handover::export_base(&self.vfs, conn)
+            .and_then(|s| handover::encode_chunks(s, state_version))
+            .map_err(|e| {
+                self.vfs.drop_base();
+                error_chain(&e)
+            })?;
+        let n = chunks.len();
+        for chunk in chunks {
+            if let Err(e) = channel::send(self.sock(), &ToSupervisor::State(chunk), &[]) {
+                self.vfs.drop_base();
+                return Err(format!("cannot send the base state: {}", error_chain(&e)));
+            }
+        }
+        Ok(n)
+    }
+
     /// Decodes, checks and imports the predecessor's state.
     fn import(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         let state = handover::decode(bytes).map_err(ClientError::Import)?;
@@ -800,7 +896,15 @@ impl Client {
                         Some(e) => Err(ClientError::Shutdown(e.into())),
                     };
                 }
+                Event::FromSupervisor(ToClient::PreExport { state_version }) => {
+                    let started = Instant::now();
+                    let error = self.pre_export(&conn, state_version).err();
+                    tracing::info!(elapsed = ?started.elapsed(), ?error, "pre-exported for a handover");
+                    send_or_log(self.sock(), &ToSupervisor::PreFlushed { error });
+                }
                 Event::FromSupervisor(ToClient::PreFlush) => {
+                    // A base of an earlier handover that rolled back is done with.
+                    self.vfs.drop_base();
                     let started = Instant::now();
                     let error = self.vfs.data().flush_all().err().map(|e| error_chain(&e));
                     tracing::info!(elapsed = ?started.elapsed(), ?error, "pre-flushed for a handover");
@@ -833,6 +937,7 @@ impl Client {
                 }
                 Event::FromSupervisor(ToClient::Thaw) => {
                     handover::thaw(gate, &mut freezer);
+                    self.vfs.drop_base();
                     tracing::info!("thawed: serving again");
                     send_or_log(self.sock(), &ToSupervisor::Thawed);
                 }
@@ -892,6 +997,7 @@ impl Client {
                             tracing::error!(error = %error_chain(&e), "lost the supervisor; serving until the mount ends")
                         }
                     }
+                    self.vfs.drop_base();
                     if gate.phase() != Phase::Serving {
                         // Nobody will commit this handover: serve on.
                         handover::thaw(gate, &mut freezer);

@@ -11,6 +11,12 @@
 //! The old client's side runs on a [`Freezer`] thread: wait for the gate to freeze, flush,
 //! export, send the state to the supervisor.
 //!
+//! Between clients that announce `state-delta`, the bulk moves before the freeze: the old
+//! client exports a base while it serves ([`export_base`]) and inside the freeze only the
+//! changes since ([`export_frozen`]); the successor stages the base meanwhile
+//! ([`Staged`]) and applies the changes to it. The pause then depends on what changed
+//! during the upgrade, not on the size of the tables.
+//!
 //! What this module must never do: export from a client that may still execute requests
 //! (the gate is frozen first), or import a state of another volume or session.
 
@@ -25,7 +31,9 @@ use std::time::Instant;
 use handover_proto::channel;
 use handover_proto::message::{FreezeMode, MountSpec, StateChunk, ToSupervisor};
 use handover_proto::state::v1::{DirHandleV1, FileHandleV1};
-use handover_proto::state::{self, ClientState, ClientStateV1, StateError};
+use handover_proto::state::{
+    self, ClientState, ClientStateV1, StateDelta, StateDeltaV1, StateError,
+};
 
 use crate::client::error_chain;
 use crate::data::DataError;
@@ -71,6 +79,8 @@ pub enum ImportError {
     },
     #[error("cannot decode the state")]
     Decode(#[source] StateError),
+    #[error("the changes since the base do not apply to it")]
+    Delta(#[source] StateError),
 }
 
 /// Open flags that give back `f` through [`HandleFlags::from_open_flags`].
@@ -87,33 +97,94 @@ fn open_flags(f: HandleFlags) -> i32 {
 /// FUSE gate: no request executes while (and after) the tables are read.
 pub fn export(vfs: &Vfs, conn: &Connection) -> Result<ClientStateV1, ExportError> {
     vfs.data().flush_all().map_err(ExportError::Flush)?;
-    let t = vfs.export_tables();
+    Ok(state_of(vfs, conn, vfs.export_tables()))
+}
+
+/// Flushes and returns the state while `vfs` serves (`ToClient::PreExport`): the base of
+/// a delta handover. From now on `vfs` records what changes, for [`export_delta`].
+pub fn export_base(vfs: &Vfs, conn: &Connection) -> Result<ClientStateV1, ExportError> {
+    vfs.data().flush_all().map_err(ExportError::Flush)?;
+    Ok(state_of(vfs, conn, vfs.export_base()))
+}
+
+/// What a freeze exports: the changes since the base when one is out (the supervisor
+/// sent `PreExport` for this handover), else the whole state.
+#[derive(Debug)]
+pub enum Export {
+    Whole(ClientStateV1),
+    Delta(StateDeltaV1),
+}
+
+/// Flushes every written byte and exports the changes since [`export_base`], or the
+/// whole state if no base is out. The caller has frozen the FUSE gate.
+pub fn export_frozen(vfs: &Vfs, conn: &Connection) -> Result<Export, ExportError> {
+    vfs.data().flush_all().map_err(ExportError::Flush)?;
+    let Some(c) = vfs.export_changes() else {
+        return Ok(Export::Whole(state_of(vfs, conn, vfs.export_tables())));
+    };
+    let owners = owners_of(&c.lockers);
+    let mut files = Vec::new();
+    let mut dirs = Vec::new();
+    let mut seen = HashSet::new();
+    for fh in c.opened.iter().chain(&c.relocked) {
+        if seen.insert(*fh) {
+            push_handle(*fh, &owners, &mut files, &mut dirs);
+        }
+    }
+    Ok(Export::Delta(StateDeltaV1 {
+        generation: conn.generation,
+        session: vfs.session().0,
+        lookups: c.lookups.iter().map(|(i, n)| (i.0, *n)).collect(),
+        files,
+        dirs,
+        closed: c.closed.iter().map(|fh| fh.0).collect(),
+        orphans: c.orphans.iter().map(|i| i.0).collect(),
+        next_handle: c.next_handle,
+    }))
+}
+
+fn owners_of(lockers: &[(Ino, u64)]) -> HashMap<Ino, Vec<u64>> {
     let mut owners: HashMap<Ino, Vec<u64>> = HashMap::new();
-    for (ino, owner) in &t.lockers {
+    for (ino, owner) in lockers {
         owners.entry(*ino).or_default().push(*owner);
     }
+    owners
+}
+
+/// Adds the entry of handle `fh` to `files` or `dirs`.
+fn push_handle(
+    fh: Fh,
+    owners: &HashMap<Ino, Vec<u64>>,
+    files: &mut Vec<FileHandleV1>,
+    dirs: &mut Vec<DirHandleV1>,
+) {
+    let flags = fh.flags();
+    if flags.dir {
+        // Readdir offsets are stable cookies the kernel passes back: no cursor to keep.
+        dirs.push(DirHandleV1 {
+            fh: fh.0,
+            ino: fh.ino().0,
+            cursor: 0,
+        });
+    } else {
+        // Locks belong to (inode, owner): every handle of the inode carries them, and
+        // the importer takes the union.
+        files.push(FileHandleV1 {
+            fh: fh.0,
+            ino: fh.ino().0,
+            flags: open_flags(flags),
+            lock_owners: owners.get(&fh.ino()).cloned().unwrap_or_default(),
+        });
+    }
+}
+
+/// The state of `vfs` with tables `t`.
+fn state_of(vfs: &Vfs, conn: &Connection, t: Tables) -> ClientStateV1 {
+    let owners = owners_of(&t.lockers);
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     for fh in &t.handles {
-        let flags = fh.flags();
-        if flags.dir {
-            // Readdir offsets are stable cookies the kernel passes back: no cursor to keep.
-            dirs.push(DirHandleV1 {
-                fh: fh.0,
-                ino: fh.ino().0,
-                cursor: 0,
-            });
-        } else {
-            // Locks belong to (inode, owner): every handle of the inode carries them, and
-            // the importer takes the union.
-            let lock_owners = owners.get(&fh.ino()).cloned().unwrap_or_default();
-            files.push(FileHandleV1 {
-                fh: fh.0,
-                ino: fh.ino().0,
-                flags: open_flags(flags),
-                lock_owners,
-            });
-        }
+        push_handle(*fh, &owners, &mut files, &mut dirs);
     }
     let open: HashSet<u64> = files.iter().map(|f| f.ino).collect();
     let unattached = t
@@ -129,7 +200,7 @@ pub fn export(vfs: &Vfs, conn: &Connection) -> Result<ClientStateV1, ExportError
             "lock owners without an open handle are not handed over"
         );
     }
-    Ok(ClientStateV1 {
+    ClientStateV1 {
         generation: conn.generation,
         session: vfs.session().0,
         volume_uuid: vfs.format().uuid.clone(),
@@ -141,13 +212,23 @@ pub fn export(vfs: &Vfs, conn: &Connection) -> Result<ClientStateV1, ExportError
         dirs,
         orphans: t.orphans.iter().map(|i| i.0).collect(),
         next_handle: t.next_handle,
-    })
+    }
 }
 
 /// Encodes `latest` in schema `version` and cuts it into chunks for the supervisor.
 pub fn encode_chunks(latest: ClientStateV1, version: u16) -> Result<Vec<StateChunk>, ExportError> {
     let versioned = ClientState::export_as(latest, version).map_err(ExportError::Encode)?;
     let bytes = state::encode(&versioned).map_err(ExportError::Encode)?;
+    Ok(state::split(&bytes))
+}
+
+/// Encodes the changes since a base in schema `version` and cuts them into chunks.
+pub fn encode_delta_chunks(
+    latest: StateDeltaV1,
+    version: u16,
+) -> Result<Vec<StateChunk>, ExportError> {
+    let versioned = StateDelta::export_as(latest, version).map_err(ExportError::Encode)?;
+    let bytes = state::encode_delta(&versioned).map_err(ExportError::Encode)?;
     Ok(state::split(&bytes))
 }
 
@@ -166,9 +247,60 @@ pub struct Imported {
     pub orphans: usize,
 }
 
-/// Takes over a predecessor's state into `vfs` (opened on the predecessor's volume and
-/// session, and not serving yet). Checks everything before changing anything.
-pub fn import(vfs: &Vfs, s: &ClientStateV1) -> Result<Imported, ImportError> {
+/// A predecessor's base state, checked and built into tables while the predecessor still
+/// serves; the changes exported inside its freeze are applied to it, then it is imported.
+#[derive(Debug)]
+pub struct Staged {
+    /// The base, without its lookups (they are in `lookups`).
+    base: ClientStateV1,
+    lookups: HashMap<Ino, u64>,
+}
+
+impl Staged {
+    /// Checks the base against `vfs` (volume, session) and builds its lookup table.
+    pub fn new(vfs: &Vfs, mut base: ClientStateV1) -> Result<Staged, ImportError> {
+        check_owner(vfs, &base)?;
+        let mut lookups: HashMap<Ino, u64> = HashMap::with_capacity(base.lookups.len());
+        for (ino, n) in base.lookups.drain(..) {
+            *lookups.entry(Ino(ino)).or_insert(0) += n;
+        }
+        Ok(Staged { base, lookups })
+    }
+
+    /// How many lookups the base holds.
+    pub fn lookups(&self) -> usize {
+        self.lookups.len()
+    }
+
+    /// Applies the changes the predecessor exported inside its freeze.
+    pub fn apply(&mut self, delta: StateDeltaV1) -> Result<(), ImportError> {
+        let StateDeltaV1 { lookups, .. } = &delta;
+        delta.check_base(&self.base).map_err(ImportError::Delta)?;
+        for &(ino, n) in lookups {
+            if n == 0 {
+                self.lookups.remove(&Ino(ino));
+            } else {
+                self.lookups.insert(Ino(ino), n);
+            }
+        }
+        let rest = StateDeltaV1 {
+            lookups: Vec::new(),
+            ..delta
+        };
+        rest.apply(&mut self.base).map_err(ImportError::Delta)
+    }
+
+    /// Takes the staged state over into `vfs` (not serving yet).
+    pub fn import(self, vfs: &Vfs) -> Result<Imported, ImportError> {
+        let mut imported = import_tables(vfs, &self.base)?;
+        imported.lookups = self.lookups.len();
+        vfs.import_lookups(self.lookups);
+        log_imported(&self.base, imported);
+        Ok(imported)
+    }
+}
+
+fn check_owner(vfs: &Vfs, s: &ClientStateV1) -> Result<(), ImportError> {
     let uuid = &vfs.format().uuid;
     if &s.volume_uuid != uuid {
         return Err(ImportError::OtherVolume {
@@ -182,6 +314,28 @@ pub fn import(vfs: &Vfs, s: &ClientStateV1) -> Result<Imported, ImportError> {
             got: s.session,
         });
     }
+    Ok(())
+}
+
+/// Takes over a predecessor's state into `vfs` (opened on the predecessor's volume and
+/// session, and not serving yet). Checks everything before changing anything.
+pub fn import(vfs: &Vfs, s: &ClientStateV1) -> Result<Imported, ImportError> {
+    let imported = import_tables(vfs, s)?;
+    log_imported(s, imported);
+    Ok(imported)
+}
+
+fn log_imported(s: &ClientStateV1, imported: Imported) {
+    tracing::info!(
+        from_generation = s.generation,
+        ?imported,
+        "predecessor's state imported"
+    );
+}
+
+/// [`import`], without the log line.
+fn import_tables(vfs: &Vfs, s: &ClientStateV1) -> Result<Imported, ImportError> {
+    check_owner(vfs, s)?;
     let mut handles = Vec::with_capacity(s.files.len() + s.dirs.len());
     let mut lockers = Vec::new();
     for f in &s.files {
@@ -223,11 +377,6 @@ pub fn import(vfs: &Vfs, s: &ClientStateV1) -> Result<Imported, ImportError> {
         lookups: s.lookups.len(),
         orphans: s.orphans.len(),
     };
-    tracing::info!(
-        from_generation = s.generation,
-        ?imported,
-        "predecessor's state imported"
-    );
     Ok(imported)
 }
 
@@ -356,8 +505,14 @@ impl FreezeJob {
             }
         };
         let quiesced = started.elapsed();
-        let chunks =
-            export(&self.vfs, &self.conn).and_then(|s| encode_chunks(s, self.state_version));
+        let mut delta = false;
+        let chunks = export_frozen(&self.vfs, &self.conn).and_then(|e| match e {
+            Export::Whole(s) => encode_chunks(s, self.state_version),
+            Export::Delta(d) => {
+                delta = true;
+                encode_delta_chunks(d, self.state_version)
+            }
+        });
         let chunks = match chunks {
             Ok(c) => c,
             Err(e) => {
@@ -396,7 +551,7 @@ impl FreezeJob {
                 drained: now.drained.max(stats.drained),
             },
         };
-        tracing::info!(mode = ?self.ticket.mode, ?quiesced, total = ?started.elapsed(), chunks = n, ?frozen, "frozen; state sent");
+        tracing::info!(mode = ?self.ticket.mode, ?quiesced, total = ?started.elapsed(), chunks = n, delta, ?frozen, "frozen; state sent");
         if let Err(e) = channel::send(sock, &frozen, &[]) {
             tracing::error!(error = %error_chain(&e), "cannot report the freeze: thawing");
             self.gate.thaw();

@@ -247,3 +247,146 @@ fn a_successor_that_gives_up_leaves_the_session_to_its_predecessor() {
     );
     other.shutdown().unwrap();
 }
+
+/// Base and changes through their encoded forms, as they travel.
+fn transfer_delta(
+    base: handover_proto::state::ClientStateV1,
+    delta: handover_proto::state::StateDeltaV1,
+) -> (
+    handover_proto::state::ClientStateV1,
+    handover_proto::state::StateDeltaV1,
+) {
+    let base = transfer(base);
+    let chunks = handover::encode_delta_chunks(delta, 1).unwrap();
+    let mut asm = state::Assembler::default();
+    let mut bytes = None;
+    for c in chunks {
+        bytes = asm.push(c).unwrap();
+    }
+    let delta = state::decode_delta(&bytes.unwrap()).unwrap().into_latest();
+    (base, delta)
+}
+
+/// Lookups, handle numbers, lockers and orphans, sorted.
+type Sorted = (Vec<(Ino, u64)>, Vec<u64>, Vec<(Ino, u64)>, Vec<Ino>);
+
+fn sorted_tables(vfs: &Vfs) -> Sorted {
+    let t = vfs.export_tables();
+    let mut handles: Vec<u64> = t.handles.iter().map(|fh| fh.0).collect();
+    handles.sort_unstable();
+    (t.lookups, handles, t.lockers, t.orphans)
+}
+
+#[test]
+fn a_base_exported_while_serving_and_the_changes_since_give_the_whole_state() {
+    let vol = Volume::new("5f0c-handover-test");
+    let old = vol.open(None).unwrap();
+    let sid = old.session();
+    let conn = vol.connection();
+
+    // Before the base: a kept file, one closed during the upgrade, one unlinked after.
+    let (kept, _, kept_fh) = old
+        .create(None, ME, Ino::ROOT, b"kept", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    let (closed, _, closed_fh) = old
+        .create(None, ME, Ino::ROOT, b"closed", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    let (doomed, _, doomed_fh) = old
+        .create(None, ME, Ino::ROOT, b"doomed", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    let dir_fh = old.opendir(Ino::ROOT).unwrap();
+    let base = handover::export_base(&old, &conn).unwrap();
+    assert_eq!(base.files.len(), 3);
+
+    // While the base travels, the old client serves on: every kind of change.
+    old.write(kept, kept_fh, 0, b"written after the base")
+        .unwrap();
+    old.release(closed, closed_fh, None).unwrap();
+    old.releasedir(dir_fh);
+    old.forget(closed, 1);
+    let (fresh, _, fresh_fh) = old
+        .create(None, ME, Ino::ROOT, b"fresh", 0o644, 0, libc::O_WRONLY)
+        .unwrap();
+    // A lock on a file of the base: its handle is sent again with the owner.
+    old.setlk(kept, 42, libc::F_WRLCK, 0, u64::MAX, 7, None)
+        .unwrap();
+    old.unlink(None, Ino::ROOT, b"doomed").unwrap();
+    old.lookup(Ino::ROOT, b"kept").unwrap();
+    let expected = sorted_tables(&old);
+
+    // Inside the freeze: only the changes.
+    let delta = match handover::export_frozen(&old, &conn).unwrap() {
+        handover::Export::Delta(d) => d,
+        other => panic!("expected the changes since the base, got {other:?}"),
+    };
+    let fhs: Vec<u64> = delta.files.iter().map(|f| f.fh).collect();
+    assert!(fhs.contains(&fresh_fh) && fhs.contains(&kept_fh), "{fhs:?}");
+    assert!(!fhs.contains(&doomed_fh));
+    assert!(delta.closed.contains(&closed_fh) && delta.closed.contains(&dir_fh));
+    assert_eq!(delta.orphans, vec![doomed.0]);
+    assert!(
+        delta.lookups.contains(&(closed.0, 0)),
+        "{:?}",
+        delta.lookups
+    );
+    // The base is done with: the next freeze exports a whole state.
+    assert!(matches!(
+        handover::export_frozen(&old, &conn).unwrap(),
+        handover::Export::Whole(_)
+    ));
+    let (base, delta) = transfer_delta(base, delta);
+    drop(old);
+
+    let new = vol.open(Some(sid)).unwrap();
+    let mut staged = handover::Staged::new(&new, base.clone()).unwrap();
+    staged.apply(delta.clone()).unwrap();
+    staged.import(&new).unwrap();
+    assert_eq!(sorted_tables(&new), expected);
+
+    // The written data was flushed by the freeze's export; the lock is the successor's
+    // to release; the unlinked file reads on through the base's handle.
+    assert_eq!(
+        new.read(kept, kept_fh, 0, 100).unwrap(),
+        b"written after the base"
+    );
+    let other = vol.open(None).unwrap();
+    assert_eq!(
+        errno(other.setlk(kept, 1, libc::F_WRLCK, 0, 10, 9, None)),
+        libc::EAGAIN
+    );
+    new.flush(kept, kept_fh, 42).unwrap();
+    other
+        .setlk(kept, 1, libc::F_WRLCK, 0, 10, 9, Some(&Sleep))
+        .unwrap();
+    new.release(doomed, doomed_fh, None).unwrap();
+    assert_eq!(errno(new.getattr(doomed)), libc::ENOENT);
+    new.release(fresh, fresh_fh, None).unwrap();
+    new.release(kept, kept_fh, None).unwrap();
+
+    // Changes of another exporter do not apply.
+    let mut wrong = delta;
+    wrong.generation += 1;
+    let mut staged = handover::Staged::new(&new, base).unwrap();
+    assert!(matches!(staged.apply(wrong), Err(ImportError::Delta(_))));
+
+    new.shutdown().unwrap();
+    other.shutdown().unwrap();
+}
+
+#[test]
+fn a_dropped_base_makes_the_freeze_export_the_whole_state() {
+    let vol = Volume::new("5f0c-handover-test");
+    let old = vol.open(None).unwrap();
+    let conn = vol.connection();
+    let (_, _, fh) = old
+        .create(None, ME, Ino::ROOT, b"f", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    handover::export_base(&old, &conn).unwrap();
+    // A pre-flush, a thaw or the supervisor's death drops the base.
+    old.drop_base();
+    match handover::export_frozen(&old, &conn).unwrap() {
+        handover::Export::Whole(s) => assert_eq!(s.files[0].fh, fh),
+        other => panic!("expected a whole state, got {other:?}"),
+    }
+    old.shutdown().unwrap();
+}

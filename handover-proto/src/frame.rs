@@ -6,7 +6,7 @@ pub const MAGIC: [u8; 4] = *b"BTON";
 /// Format major version: a reader refuses any other major.
 pub const FORMAT_MAJOR: u16 = 1;
 /// Format minor version: only adds message variants (see the crate documentation).
-pub const FORMAT_MINOR: u16 = 0;
+pub const FORMAT_MINOR: u16 = 1;
 /// Size of the header in bytes.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a reader accepts (1 MiB).
@@ -180,7 +180,10 @@ mod tests {
         bad[4] = 2;
         assert_eq!(
             decode(&bad),
-            Err(FrameError::UnsupportedVersion { major: 2, minor: 0 })
+            Err(FrameError::UnsupportedVersion {
+                major: 2,
+                minor: FORMAT_MINOR
+            })
         );
 
         // A newer minor of the same major is accepted.

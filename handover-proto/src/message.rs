@@ -114,6 +114,11 @@ pub mod capability {
     /// [`super::FreezeMode::DrainLog`]. Such a client is sent `ToClient::RequestLog`
     /// after its `Prepared`, and answers `ToClient::SendRequestLog`.
     pub const REQUEST_LOG: &str = "request-log";
+    /// Old client: answers `ToClient::PreExport` (exports its state while serving, then
+    /// only the changes since inside the freeze). New client: stages such a base
+    /// (`ToClient::BaseState`) before the freeze and applies the changes after it. Used
+    /// when both clients announce it.
+    pub const STATE_DELTA: &str = "state-delta";
 }
 
 /// How an old client stops serving for a handover.
@@ -167,7 +172,8 @@ pub enum ToClient {
     /// what is written after this). Answered by `PreFlushed`.
     PreFlush,
     /// Old client: stop executing requests in `mode`, let executing ones finish, flush,
-    /// export the state in schema `state_version`. Answered by `StateChunk`s then `Frozen`,
+    /// export the state in schema `state_version` (after a `PreExport`: only the changes
+    /// since its base, a `state::StateDelta`). Answered by `StateChunk`s then `Frozen`,
     /// or `FreezeFailed` (and the client serves on).
     Freeze {
         mode: FreezeMode,
@@ -197,6 +203,17 @@ pub enum ToClient {
     /// a client whose `Adoption` announces [`capability::REQUEST_LOG`]. Answered by
     /// `ToSupervisor::RequestLog`.
     SendRequestLog,
+    /// Old client (both announce [`capability::STATE_DELTA`]), instead of `PreFlush`:
+    /// flush written data and export the state in schema `state_version` while still
+    /// serving, as `StateChunk`s, then answer `PreFlushed`. From then on it records what
+    /// changes, and the next `Freeze` exports only that (a `state::StateDelta`). A
+    /// `PreFlush` or `Thaw` drops the base. Since format 1.1.
+    PreExport { state_version: u16 },
+    /// Successor: a piece of the predecessor's state exported before the freeze (the
+    /// base), before any `State`. With the last piece it decodes, checks and stages it,
+    /// and answers `BaseStaged`; the `State` chunks that follow are then the changes since
+    /// the base. Since format 1.1.
+    BaseState(StateChunk),
 }
 
 /// Client -> supervisor.
@@ -240,6 +257,9 @@ pub enum ToSupervisor {
     Adopted(Box<Adoption>),
     /// Answer to `SendRequestLog`: carries the request log's descriptor when `held`.
     RequestLog { held: bool },
+    /// Successor: answer to the last `BaseState` chunk; `error` says why the base
+    /// cannot be used (the upgrade rolls back). Since format 1.1.
+    BaseStaged { error: Option<String> },
 }
 
 /// A serving client, as a supervisor that adopts it must know it (`Adopted`).
@@ -271,7 +291,9 @@ impl WireMessage for ToClient {
             | ToClient::Freeze { .. }
             | ToClient::Thaw
             | ToClient::Commit
-            | ToClient::State(_) => 0,
+            | ToClient::State(_)
+            | ToClient::PreExport { .. }
+            | ToClient::BaseState(_) => 0,
         }
     }
 }
@@ -289,7 +311,8 @@ impl WireMessage for ToSupervisor {
             | ToSupervisor::Frozen { .. }
             | ToSupervisor::FreezeFailed { .. }
             | ToSupervisor::Thawed
-            | ToSupervisor::FirstServed { .. } => 0,
+            | ToSupervisor::FirstServed { .. }
+            | ToSupervisor::BaseStaged { .. } => 0,
             ToSupervisor::Adopted(a) => 1 + usize::from(a.journal),
             ToSupervisor::RequestLog { held } => usize::from(*held),
         }

@@ -33,7 +33,7 @@ use handover_proto::message::{
     capability,
 };
 use handover_proto::state::v1::{ClientStateV1, DirHandleV1, FileHandleV1};
-use handover_proto::state::{self, ClientState};
+use handover_proto::state::{self, ClientState, StateDelta, StateDeltaV1};
 
 /// Set to `1` to write fixtures that are missing (never to rewrite one).
 const WRITE_ENV: &str = "BATON_WRITE_FIXTURES";
@@ -142,6 +142,12 @@ fn to_client(name: &str) -> ToClient {
         "Detach" => ToClient::Detach,
         "RequestLog" => ToClient::RequestLog,
         "SendRequestLog" => ToClient::SendRequestLog,
+        "PreExport" => ToClient::PreExport { state_version: 1 },
+        "BaseState" => ToClient::BaseState(StateChunk {
+            index: 2,
+            total: 3,
+            data: (0..=255).rev().collect(),
+        }),
         other => panic!("no fixture value for ToClient::{other}"),
     }
 }
@@ -207,6 +213,9 @@ fn to_supervisor(name: &str) -> ToSupervisor {
             journal: true,
         })),
         "RequestLog" => ToSupervisor::RequestLog { held: true },
+        "BaseStaged" => ToSupervisor::BaseStaged {
+            error: Some("the base is of volume 0b7c, this client serves volume 9e2f".into()),
+        },
         other => panic!("no fixture value for ToSupervisor::{other}"),
     }
 }
@@ -436,6 +445,37 @@ fn client_state(name: &str) -> ClientState {
     }
 }
 
+fn state_delta(name: &str) -> StateDelta {
+    match name {
+        "V1" => StateDelta::V1(StateDeltaV1 {
+            generation: 2,
+            session: SESSION,
+            lookups: vec![(2, 0), (1_000_006, 1)],
+            files: vec![FileHandleV1 {
+                fh: 0x8000_0000_0000_0606,
+                ino: 1_000_006,
+                flags: libc::O_RDWR,
+                lock_owners: vec![9],
+            }],
+            dirs: vec![],
+            closed: vec![0x8000_0000_0000_0303, 0x4000_0000_0000_0505],
+            orphans: vec![1_000_004],
+            next_handle: 7,
+        }),
+        other => panic!("no fixture value for StateDelta::{other}"),
+    }
+}
+
+/// The frame format minor version that added a message fixture's variant.
+fn minor_of(file: &str) -> u16 {
+    const SINCE_1_1: &[&str] = &[
+        "to_client.pre_export.bin",
+        "to_client.base_state.bin",
+        "to_supervisor.base_staged.bin",
+    ];
+    u16::from(SINCE_1_1.contains(&file))
+}
+
 // --- the check -------------------------------------------------------------------------
 
 /// `PreFlush` -> `pre_flush`.
@@ -545,6 +585,20 @@ fn all_fixtures() -> Vec<Fixture> {
             framed: false,
         });
     }
+    for &name in STATE_DELTA {
+        let expected = state_delta(name);
+        assert_eq!(state_delta_name(&expected), name);
+        all.push(Fixture {
+            file: format!("state_delta.{}.bin", snake(name)),
+            bytes: state::encode_delta(&expected).expect("encode"),
+            check: Box::new(move |bytes| match state::decode_delta(bytes) {
+                Ok(got) if got == expected => Ok(()),
+                Ok(got) => Err(format!("decodes to {got:?}, expected {expected:?}")),
+                Err(e) => Err(format!("does not decode: {e:?}")),
+            }),
+            framed: false,
+        });
+    }
     all
 }
 
@@ -593,7 +647,12 @@ fn todays_code_reads_every_released_fixture() {
         if f.framed {
             let (h, body) = frame::decode(&bytes).expect("checked above");
             assert_eq!(&bytes[..4], b"BTON");
-            assert_eq!((h.major, h.minor), (1, 0), "{}: a v1 fixture", f.file);
+            assert_eq!(
+                (h.major, h.minor),
+                (1, minor_of(&f.file)),
+                "{}: a v1 fixture of the format that added it",
+                f.file
+            );
             if body != &f.bytes[HEADER_LEN..] {
                 problems.push(format!(
                     "{}: today's encoder writes another body for the same value",
@@ -643,7 +702,8 @@ fn every_variant_has_a_fixture() {
         + CONTROL_RESPONSE.len()
         + TO_KEEPER.len()
         + FROM_KEEPER.len()
-        + CLIENT_STATE.len();
+        + CLIENT_STATE.len()
+        + STATE_DELTA.len();
     assert_eq!(files.len(), expected);
     assert!(files.contains("to_client.pre_flush.bin"));
     assert!(files.contains("state.v1.bin"));
@@ -666,4 +726,54 @@ fn fixture_values_are_consistent() {
         out = a.push(c).expect("in order");
     }
     assert_eq!(out.as_deref(), Some(&bytes[..]));
+
+    // The delta fixture applies to the state fixture: lookup of inode 2 gone, inode
+    // 1_000_006 added, handles 0x..0303 and 0x..0505 closed, one file opened.
+    let ClientState::V1(base) = client_state("V1");
+    let StateDelta::V1(delta) = state_delta("V1");
+    let mut whole = base.clone();
+    delta.apply(&mut whole).expect("same base");
+    assert_eq!(
+        whole.lookups,
+        vec![
+            (1, 1),
+            (1_000_003, 1),
+            (1_000_004, 2),
+            (1_000_006, 1),
+            (u64::MAX, 1)
+        ]
+    );
+    let fhs: Vec<u64> = whole.files.iter().map(|f| f.fh).collect();
+    assert_eq!(
+        fhs,
+        vec![
+            0x8000_0000_0000_0101,
+            0x8000_0000_0000_0202,
+            0x8000_0000_0000_0606
+        ]
+    );
+    assert_eq!(whole.dirs.len(), 1);
+    assert_eq!(
+        (whole.orphans.clone(), whole.next_handle),
+        (vec![1_000_004], 7)
+    );
+    let merged = state::merge(
+        1,
+        &state::encode(&client_state("V1")).expect("encode"),
+        &state::encode_delta(&state_delta("V1")).expect("encode"),
+    )
+    .expect("merge");
+    assert_eq!(
+        state::decode(&merged).expect("decode"),
+        ClientState::V1(whole)
+    );
+    // A delta of another exporter does not apply.
+    let mut other = delta;
+    other.generation += 1;
+    let mut untouched = base.clone();
+    assert!(matches!(
+        other.apply(&mut untouched),
+        Err(state::StateError::OtherBase { .. })
+    ));
+    assert_eq!(untouched, base);
 }

@@ -284,6 +284,22 @@ proptest! {
         }
     }
 
+    #[test]
+    fn random_delta_bytes_are_typed_errors(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+        match state::decode_delta(&bytes) {
+            Ok(d) => prop_assert_eq!(state::decode_delta(&state::encode_delta(&d).expect("encode")).expect("decode"), d),
+            Err(StateError::Decode(_) | StateError::Trailing { .. }) => {}
+            Err(e) => prop_assert!(false, "unexpected error {e:?}"),
+        }
+    }
+
+    #[test]
+    fn every_truncated_delta_is_a_decode_error(d in state_delta(), cut in any::<prop::sample::Index>()) {
+        let bytes = state::encode_delta(&d).expect("encode");
+        let cut = cut.index(bytes.len());
+        prop_assert!(matches!(state::decode_delta(&bytes[..cut]), Err(StateError::Decode(_))));
+    }
+
     // --- state chunk sequences -----------------------------------------------------------
 
     /// Whatever chunks a peer sends, the assembler either refuses with a typed error or

@@ -425,12 +425,15 @@ fn kill_at_every_step(mode: Resend) {
         ..Upgrade::default()
     };
     let mut lines = Vec::new();
-    // The old (serving) client dies when it gets or answers these.
+    // The old (serving) client dies when it gets or answers these: both clients hand
+    // over changes, so it exports a base (its first State) before the freeze and the
+    // changes (its second) inside it.
     for (i, at) in [
-        "PreFlush",
+        "PreExport",
+        "ToSupervisor::State",
         "PreFlushed",
         "Freeze",
-        "ToSupervisor::State",
+        "ToSupervisor::State:2",
         "Frozen",
         "Commit",
     ]
@@ -462,6 +465,8 @@ fn kill_at_every_step(mode: Resend) {
     for (i, at) in [
         "Start",
         "Prepared",
+        "BaseState",
+        "BaseStaged",
         "ToClient::State",
         "Init",
         "InitReply",

@@ -68,6 +68,8 @@ fn causes(dir: &Path) -> Vec<Cause> {
     });
     for (name, at) in [
         ("crash-at-start", "Start"),
+        ("crash-during-base-transfer", "BaseState"),
+        ("crash-after-staging-the-base", "BaseStaged"),
         ("crash-during-state-transfer", "ToClient::State"),
         ("crash-on-receiving-the-fd", "Init"),
         ("crash-instead-of-acknowledging", "InitReply"),

@@ -22,7 +22,7 @@
 //! The per-process part of a handle (read-ahead state) is a cache: losing it costs only a
 //! cold read-ahead.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -148,6 +148,9 @@ pub struct HandleTable {
 struct Tables {
     handles: HashMap<Fh, Arc<Handle>>,
     open: HashMap<Ino, u32>,
+    /// Handles opened or closed since the last base export ([`HandleTable::export_base`]);
+    /// `None` while no base is out.
+    changed: Option<HashSet<Fh>>,
 }
 
 impl Tables {
@@ -157,6 +160,9 @@ impl Tables {
             read_state: Mutex::new(ReadState::default()),
         });
         self.handles.insert(fh, h.clone());
+        if let Some(c) = &mut self.changed {
+            c.insert(fh);
+        }
         if !fh.flags().dir {
             *self.open.entry(fh.ino()).or_insert(0) += 1;
         }
@@ -205,7 +211,13 @@ impl HandleTable {
     pub fn close(&self, fh: u64) -> bool {
         let fh = Fh(fh);
         let mut t = self.inner.lock();
-        if t.handles.remove(&fh).is_none() || fh.flags().dir {
+        if t.handles.remove(&fh).is_none() {
+            return false;
+        }
+        if let Some(c) = &mut t.changed {
+            c.insert(fh);
+        }
+        if fh.flags().dir {
             return false;
         }
         let ino = fh.ino();
@@ -243,6 +255,57 @@ impl HandleTable {
             fhs,
             epoch | (self.counter.load(Ordering::Relaxed) & SEQ_MASK),
         )
+    }
+
+    /// [`HandleTable::snapshot`], and from now on records which handles open and close
+    /// (anew if a base was out already).
+    pub fn export_base(&self) -> (Vec<Fh>, u32) {
+        let mut t = self.inner.lock();
+        t.changed = Some(HashSet::new());
+        let mut fhs: Vec<Fh> = t.handles.keys().copied().collect();
+        drop(t);
+        fhs.sort_unstable();
+        (fhs, self.next_value())
+    }
+
+    /// What opened and closed since [`HandleTable::export_base`]: (open now, closed), and
+    /// the next counter value; `None` if no base was out. Stops recording.
+    pub fn take_changes(&self) -> Option<(Vec<Fh>, Vec<Fh>, u32)> {
+        let mut t = self.inner.lock();
+        let changed = t.changed.take()?;
+        let (mut open, mut closed): (Vec<Fh>, Vec<Fh>) = changed
+            .into_iter()
+            .partition(|fh| t.handles.contains_key(fh));
+        drop(t);
+        open.sort_unstable();
+        closed.sort_unstable();
+        Some((open, closed, self.next_value()))
+    }
+
+    /// The base is dropped: stop recording.
+    pub fn stop_recording(&self) {
+        self.inner.lock().changed = None;
+    }
+
+    /// The open file handles of `inos`.
+    pub fn files_of(&self, inos: &HashSet<Ino>) -> Vec<Fh> {
+        if inos.is_empty() {
+            return Vec::new();
+        }
+        let t = self.inner.lock();
+        let mut fhs: Vec<Fh> = t
+            .handles
+            .keys()
+            .filter(|fh| !fh.flags().dir && inos.contains(&fh.ino()))
+            .copied()
+            .collect();
+        fhs.sort_unstable();
+        fhs
+    }
+
+    fn next_value(&self) -> u32 {
+        let epoch = self.epoch.load(Ordering::Relaxed) << SEQ_BITS;
+        epoch | (self.counter.load(Ordering::Relaxed) & SEQ_MASK)
     }
 
     /// Adds a predecessor's handles (known ones are kept as they are). If the predecessor

@@ -13,6 +13,7 @@ pub mod fault;
 pub mod handle;
 pub mod perm;
 pub mod requests;
+mod tracked;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -33,6 +34,7 @@ pub use errno::{FsError, meta_errno};
 use fault::{Faults, Op};
 use handle::{Fh, Handle, HandleFlags, HandleTable, NEXT_HANDLE_INCOMPLETE};
 use requests::{InFlight, Requests};
+use tracked::Tracked;
 
 pub type Result<T, E = FsError> = std::result::Result<T, E>;
 
@@ -158,6 +160,24 @@ pub struct Tables {
     pub next_handle: u32,
 }
 
+/// What changed in the [`Tables`] since [`Vfs::export_base`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableChanges {
+    /// Inodes whose lookup count changed: (inode, count now), 0 when none is left.
+    pub lookups: Vec<(Ino, u64)>,
+    /// Handles opened since, still open.
+    pub opened: Vec<Fh>,
+    /// Handles closed since (some opened since, too).
+    pub closed: Vec<Fh>,
+    /// Open file handles of the inodes whose lock owners changed.
+    pub relocked: Vec<Fh>,
+    /// (inode, lock owner) pairs now, whole.
+    pub lockers: Vec<(Ino, u64)>,
+    /// Inodes unlinked while open, whole.
+    pub orphans: Vec<Ino>,
+    pub next_handle: u32,
+}
+
 /// What `statfs` reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StatFs {
@@ -183,12 +203,12 @@ pub struct Vfs {
     config: VfsConfig,
     handles: HandleTable,
     /// Kernel lookup references per inode (entries handed out minus forgets).
-    lookups: Mutex<HashMap<Ino, u64>>,
+    lookups: Mutex<Tracked<HashMap<Ino, u64>, Ino>>,
     /// Inodes that lost their last name while open here: freed at their last close.
     orphans: Mutex<HashSet<Ino>>,
     /// (inode, lock owner) pairs that took a lock here, so that a close only writes to
-    /// the metadata engine when there is a lock to release.
-    lockers: Mutex<HashSet<(Ino, u64)>>,
+    /// the metadata engine when there is a lock to release. Changes are recorded by inode.
+    lockers: Mutex<Tracked<HashSet<(Ino, u64)>, Ino>>,
     /// The kernel may hold handles this process never saw: it (or a predecessor) took the
     /// session over after a crash. Then no inode is known to be closed: an unlinked file
     /// is always kept, and freed when the kernel forgets the inode (which it does only
@@ -255,9 +275,9 @@ impl Vfs {
             sid,
             config,
             handles: HandleTable::default(),
-            lookups: Mutex::new(HashMap::new()),
+            lookups: Mutex::new(Tracked::new(HashMap::new())),
             orphans: Mutex::new(HashSet::new()),
-            lockers: Mutex::new(HashSet::new()),
+            lockers: Mutex::new(Tracked::new(HashSet::new())),
             unknown_handles: AtomicBool::new(false),
             background: Mutex::new(None),
             requests: Requests::default(),
@@ -295,17 +315,39 @@ impl Vfs {
     /// Everything a successor process needs of this one's tables. Consistent only while no
     /// request executes (the caller freezes the FUSE adapter first).
     pub fn export_tables(&self) -> Tables {
-        let (handles, mut next_handle) = self.handles.snapshot();
+        self.tables(false)
+    }
+
+    /// [`Vfs::export_tables`] while serving, for a handover that sends only the changes
+    /// inside the freeze: from now on every table records what changes (anew if a base
+    /// was out already), until [`Vfs::export_changes`] or [`Vfs::drop_base`]. Each table
+    /// is read and starts recording under its own lock, so that no change falls between.
+    pub fn export_base(&self) -> Tables {
+        self.tables(true)
+    }
+
+    /// The tables, sorted; with `base`, every table starts recording its changes.
+    fn tables(&self, base: bool) -> Tables {
+        let (handles, mut next_handle) = if base {
+            self.handles.export_base()
+        } else {
+            self.handles.snapshot()
+        };
         if self.unknown_handles.load(Ordering::Relaxed) {
             next_handle |= NEXT_HANDLE_INCOMPLETE;
         }
-        let mut lookups: Vec<(Ino, u64)> =
-            self.lookups.lock().iter().map(|(i, n)| (*i, *n)).collect();
+        let mut lookups: Vec<(Ino, u64)> = {
+            let mut l = self.lookups.lock();
+            if base {
+                l.start();
+            }
+            l.iter().map(|(i, n)| (*i, *n)).collect()
+        };
         lookups.sort_unstable();
-        let mut lockers: Vec<(Ino, u64)> = self.lockers.lock().iter().copied().collect();
-        lockers.sort_unstable();
-        let mut orphans: Vec<Ino> = self.orphans.lock().iter().copied().collect();
-        orphans.sort_unstable();
+        if base {
+            self.lockers.lock().start();
+        }
+        let (lockers, orphans) = self.lockers_and_orphans();
         Tables {
             lookups,
             handles,
@@ -313,6 +355,59 @@ impl Vfs {
             orphans,
             next_handle,
         }
+    }
+
+    /// The (inode, lock owner) pairs and the orphans, sorted.
+    fn lockers_and_orphans(&self) -> (Vec<(Ino, u64)>, Vec<Ino>) {
+        let mut lockers: Vec<(Ino, u64)> = self.lockers.lock().iter().copied().collect();
+        lockers.sort_unstable();
+        let mut orphans: Vec<Ino> = self.orphans.lock().iter().copied().collect();
+        orphans.sort_unstable();
+        (lockers, orphans)
+    }
+
+    /// What changed since [`Vfs::export_base`]; `None` if no base is out. The base is
+    /// done with. Consistent only while no request executes (the caller froze).
+    pub fn export_changes(&self) -> Option<TableChanges> {
+        let handles = self.handles.take_changes();
+        let lookups = self.lookups.lock().take();
+        let relocked = self.lockers.lock().take();
+        let ((opened, closed, mut next_handle), changed, relocked) =
+            match (handles, lookups, relocked) {
+                (Some(h), Some(l), Some(r)) => (h, l, r),
+                _ => {
+                    self.drop_base();
+                    return None;
+                }
+            };
+        if self.unknown_handles.load(Ordering::Relaxed) {
+            next_handle |= NEXT_HANDLE_INCOMPLETE;
+        }
+        let mut lookups: Vec<(Ino, u64)> = {
+            let l = self.lookups.lock();
+            changed
+                .into_iter()
+                .map(|ino| (ino, l.get(&ino).copied().unwrap_or(0)))
+                .collect()
+        };
+        lookups.sort_unstable();
+        let (lockers, orphans) = self.lockers_and_orphans();
+        Some(TableChanges {
+            lookups,
+            opened,
+            closed,
+            relocked: self.handles.files_of(&relocked),
+            lockers,
+            orphans,
+            next_handle,
+        })
+    }
+
+    /// The base is dropped (the handover it was for ended): stop recording changes.
+    pub fn drop_base(&self) {
+        self.handles.stop_recording();
+        self.lookups.lock().stop();
+        self.lockers.lock().stop();
     }
 
     /// Adds a predecessor's tables to this process's (which has served nothing yet).
@@ -323,12 +418,30 @@ impl Vfs {
         self.handles.restore(&t.handles, t.next_handle);
         {
             let mut l = self.lookups.lock();
+            let l = l.edit_untracked();
             for (ino, n) in &t.lookups {
                 *l.entry(*ino).or_insert(0) += n;
             }
         }
-        self.lockers.lock().extend(t.lockers.iter().copied());
+        self.lockers
+            .lock()
+            .edit_untracked()
+            .extend(t.lockers.iter().copied());
         self.orphans.lock().extend(t.orphans.iter().copied());
+    }
+
+    /// Adds a predecessor's lookup counts, built as a table already (a staged base):
+    /// taken as it is when this process has none yet (it has served nothing).
+    pub fn import_lookups(&self, counts: HashMap<Ino, u64>) {
+        let mut l = self.lookups.lock();
+        let l = l.edit_untracked();
+        if l.is_empty() {
+            *l = counts;
+        } else {
+            for (ino, n) in counts {
+                *l.entry(ino).or_insert(0) += n;
+            }
+        }
     }
 
     /// Takes over the session of a predecessor that crashed (no tables came with it):
@@ -345,7 +458,7 @@ impl Vfs {
         );
         self.unknown_handles.store(true, Ordering::Relaxed);
         self.orphans.lock().extend(held.unlinked);
-        self.lockers.lock().extend(held.lockers);
+        self.lockers.lock().edit_untracked().extend(held.lockers);
         Ok(())
     }
 
@@ -471,7 +584,7 @@ impl Vfs {
     }
 
     fn remember(&self, ino: Ino) {
-        *self.lookups.lock().entry(ino).or_insert(0) += 1;
+        *self.lookups.lock().edit(ino).entry(ino).or_insert(0) += 1;
     }
 
     fn removed(&self, r: meta::Removed) {
@@ -503,6 +616,7 @@ impl Vfs {
     pub fn forget(&self, ino: Ino, n: u64) {
         {
             let mut l = self.lookups.lock();
+            let l = l.edit(ino);
             if let Some(c) = l.get_mut(&ino) {
                 *c = c.saturating_sub(n);
                 if *c == 0 {
@@ -1103,7 +1217,7 @@ impl Vfs {
             match self.meta.setlk(ino, &req) {
                 Ok(()) => {
                     if req.typ.is_some() {
-                        self.lockers.lock().insert((ino, owner));
+                        self.lockers.lock().edit(ino).insert((ino, owner));
                     }
                     return Ok(());
                 }
@@ -1120,7 +1234,7 @@ impl Vfs {
     }
 
     fn release_locks(&self, ino: Ino, owner: u64) -> Result<()> {
-        if self.lockers.lock().remove(&(ino, owner)) {
+        if self.lockers.lock().edit(ino).remove(&(ino, owner)) {
             self.meta.release_locks(
                 ino,
                 LockOwner {

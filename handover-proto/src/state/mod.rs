@@ -9,11 +9,13 @@
 //! The encoded state can be larger than a frame: [`split`] cuts it into
 //! [`StateChunk`]s and [`Assembler`] puts them back together, checking order and size.
 
+pub mod delta;
 pub mod v1;
 
 use crate::codec::{Decode, Encode};
 use crate::message::StateChunk;
 
+pub use delta::{StateDelta, StateDeltaV1};
 pub use v1::ClientStateV1;
 
 /// Schema versions this build can export and import.
@@ -77,6 +79,11 @@ pub enum StateError {
     TotalChanged { total: u32, expected: u32 },
     #[error("the state is incomplete: {got} of {total} chunks")]
     Incomplete { got: u32, total: u32 },
+    #[error(
+        "the changes are of generation {}, session {}; the base is of generation {}, session {}",
+        delta.0, delta.1, base.0, base.1
+    )]
+    OtherBase { base: (u64, u64), delta: (u64, u64) },
 }
 
 fn config() -> impl bincode::config::Config {
@@ -88,25 +95,59 @@ fn config() -> impl bincode::config::Config {
 
 /// Encodes a state (the only place its bytes are made).
 pub fn encode(state: &ClientState) -> Result<Vec<u8>, StateError> {
-    let b = bincode::encode_to_vec(state, config()).map_err(StateError::Encode)?;
+    encode_limited(state)
+}
+
+/// Decodes a state; never panics on any input.
+pub fn decode(bytes: &[u8]) -> Result<ClientState, StateError> {
+    decode_limited(bytes)
+}
+
+/// Encodes the changes since a base.
+pub fn encode_delta(delta: &StateDelta) -> Result<Vec<u8>, StateError> {
+    encode_limited(delta)
+}
+
+/// Decodes the changes since a base; never panics on any input.
+pub fn decode_delta(bytes: &[u8]) -> Result<StateDelta, StateError> {
+    decode_limited(bytes)
+}
+
+fn encode_limited<T: Encode>(value: &T) -> Result<Vec<u8>, StateError> {
+    let b = bincode::encode_to_vec(value, config()).map_err(StateError::Encode)?;
     if b.len() > MAX_STATE_BYTES {
         return Err(StateError::TooLarge);
     }
     Ok(b)
 }
 
-/// Decodes a state; never panics on any input.
-pub fn decode(bytes: &[u8]) -> Result<ClientState, StateError> {
+fn decode_limited<T: Decode<()>>(bytes: &[u8]) -> Result<T, StateError> {
     if bytes.len() > MAX_STATE_BYTES {
         return Err(StateError::TooLarge);
     }
-    let (state, used) = bincode::decode_from_slice(bytes, config()).map_err(StateError::Decode)?;
+    let (value, used) = bincode::decode_from_slice(bytes, config()).map_err(StateError::Decode)?;
     if used != bytes.len() {
         return Err(StateError::Trailing {
             extra: bytes.len() - used,
         });
     }
-    Ok(state)
+    Ok(value)
+}
+
+/// `base` and `delta` (both encoded, schema `version`) as one encoded whole state of that
+/// version: what a restart from a state kept after a delta handover sends.
+pub fn merge(version: u16, base: &[u8], delta: &[u8]) -> Result<Vec<u8>, StateError> {
+    let base = decode(base)?;
+    let delta = decode_delta(delta)?;
+    if base.version() != version {
+        return Err(StateError::UnsupportedVersion(base.version()));
+    }
+    if delta.version() != version {
+        return Err(StateError::UnsupportedVersion(delta.version()));
+    }
+    let mut whole = base.into_latest();
+    delta.into_latest().apply(&mut whole)?;
+    encode(&ClientState::export_as(whole, version)?)
 }
 
 /// Cuts an encoded state into chunks (at least one, even when empty).

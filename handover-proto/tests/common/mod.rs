@@ -15,8 +15,8 @@ use handover_proto::message::{
     Adoption, FreezeMode, Generation, Hello, MountSpec, StateChunk, ToClient, ToSupervisor,
     capability,
 };
-use handover_proto::state::ClientState;
 use handover_proto::state::v1::{ClientStateV1, DirHandleV1, FileHandleV1};
+use handover_proto::state::{ClientState, StateDelta, StateDeltaV1};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 
@@ -38,6 +38,8 @@ pub const TO_CLIENT: &[&str] = &[
     "Detach",
     "RequestLog",
     "SendRequestLog",
+    "PreExport",
+    "BaseState",
 ];
 
 pub fn to_client_name(m: &ToClient) -> &'static str {
@@ -55,6 +57,8 @@ pub fn to_client_name(m: &ToClient) -> &'static str {
         ToClient::Detach => "Detach",
         ToClient::RequestLog => "RequestLog",
         ToClient::SendRequestLog => "SendRequestLog",
+        ToClient::PreExport { .. } => "PreExport",
+        ToClient::BaseState(_) => "BaseState",
     }
 }
 
@@ -72,6 +76,7 @@ pub const TO_SUPERVISOR: &[&str] = &[
     "FirstServed",
     "Adopted",
     "RequestLog",
+    "BaseStaged",
 ];
 
 pub fn to_supervisor_name(m: &ToSupervisor) -> &'static str {
@@ -89,6 +94,7 @@ pub fn to_supervisor_name(m: &ToSupervisor) -> &'static str {
         ToSupervisor::FirstServed { .. } => "FirstServed",
         ToSupervisor::Adopted(_) => "Adopted",
         ToSupervisor::RequestLog { .. } => "RequestLog",
+        ToSupervisor::BaseStaged { .. } => "BaseStaged",
     }
 }
 
@@ -175,6 +181,14 @@ pub fn from_keeper_name(m: &FromKeeper) -> &'static str {
 }
 
 pub const CLIENT_STATE: &[&str] = &["V1"];
+
+pub const STATE_DELTA: &[&str] = &["V1"];
+
+pub fn state_delta_name(d: &StateDelta) -> &'static str {
+    match d {
+        StateDelta::V1(_) => "V1",
+    }
+}
 
 pub fn client_state_name(s: &ClientState) -> &'static str {
     match s {
@@ -287,6 +301,8 @@ pub fn to_client() -> impl Strategy<Value = ToClient> {
         Just(ToClient::Detach),
         Just(ToClient::RequestLog),
         Just(ToClient::SendRequestLog),
+        any::<u16>().prop_map(|state_version| ToClient::PreExport { state_version }),
+        state_chunk().prop_map(ToClient::BaseState),
     ]
 }
 
@@ -313,6 +329,7 @@ pub fn to_supervisor() -> impl Strategy<Value = ToSupervisor> {
         any::<u64>().prop_map(|monotonic_ns| ToSupervisor::FirstServed { monotonic_ns }),
         adoption().prop_map(|a| ToSupervisor::Adopted(Box::new(a))),
         any::<bool>().prop_map(|held| ToSupervisor::RequestLog { held }),
+        proptest::option::of(text(50)).prop_map(|error| ToSupervisor::BaseStaged { error }),
     ]
 }
 
@@ -594,6 +611,38 @@ pub fn client_state_v1() -> impl Strategy<Value = ClientStateV1> {
                 next_handle,
             },
         )
+}
+
+pub fn state_delta_v1() -> impl Strategy<Value = StateDeltaV1> {
+    (
+        (any::<u64>(), any::<u64>()),
+        (
+            proptest::collection::vec((any::<u64>(), any::<u64>()), 0..40),
+            proptest::collection::vec(file_handle(), 0..20),
+            proptest::collection::vec(dir_handle(), 0..10),
+            proptest::collection::vec(any::<u64>(), 0..10),
+            proptest::collection::vec(any::<u64>(), 0..10),
+            any::<u32>(),
+        ),
+    )
+        .prop_map(
+            |((generation, session), (lookups, files, dirs, closed, orphans, next_handle))| {
+                StateDeltaV1 {
+                    generation,
+                    session,
+                    lookups,
+                    files,
+                    dirs,
+                    closed,
+                    orphans,
+                    next_handle,
+                }
+            },
+        )
+}
+
+pub fn state_delta() -> impl Strategy<Value = StateDelta> {
+    prop_oneof![state_delta_v1().prop_map(StateDelta::V1)]
 }
 
 pub fn client_state() -> impl Strategy<Value = ClientState> {

@@ -57,7 +57,33 @@ use super::types::{
 #[derive(Debug)]
 struct Snapshot {
     version: u16,
+    /// The state, or (with `base`) the changes since the base.
     bytes: Vec<u8>,
+    /// The base of a delta handover, exported before the freeze.
+    base: Option<Arc<Vec<u8>>>,
+}
+
+impl Snapshot {
+    /// The whole state: the base with the changes, merged (only for a restart).
+    fn whole(&self) -> Result<std::borrow::Cow<'_, [u8]>, state::StateError> {
+        match &self.base {
+            None => Ok(std::borrow::Cow::Borrowed(&self.bytes)),
+            Some(base) => {
+                state::merge(self.version, base, &self.bytes).map(std::borrow::Cow::Owned)
+            }
+        }
+    }
+}
+
+/// The base of a delta handover: the old client's state exported while it serves
+/// (`PreExport`), forwarded to the new client as it comes.
+#[derive(Debug, Default)]
+struct BaseTransfer {
+    asm: Assembler,
+    /// The whole base, once its last chunk came.
+    bytes: Option<Arc<Vec<u8>>>,
+    /// The new client staged it (`BaseStaged` without an error).
+    staged: bool,
 }
 
 /// A client that took over recently: if it dies before `until`, its predecessor's binary
@@ -94,6 +120,8 @@ struct Upgrade {
     freeze_at: Option<Timestamp>,
     handed_over: u32,
     snapshot: Option<Arc<Snapshot>>,
+    /// `PreExport` was sent (a delta handover): the base as it comes.
+    base: Option<BaseTransfer>,
     step: Step,
 }
 
@@ -101,8 +129,11 @@ struct Upgrade {
 enum Step {
     /// The new client was spawned and sent `Start`; waiting for `Prepared`.
     Preparing,
-    /// `PreFlush` sent to the old client.
+    /// `PreFlush` (or `PreExport`, whose base chunks are forwarded as they come) sent to
+    /// the old client.
     PreFlushing(Agreement),
+    /// The old client pre-exported; waiting for the new one to stage the base.
+    Staging(Agreement),
     /// `Freeze` sent; the old client's state chunks are forwarded as they come.
     Freezing(Agreement, Assembler),
     /// The state and `Init` + fd went to the new client; waiting for its INIT reply.
@@ -121,6 +152,7 @@ impl Step {
         match self {
             Step::Preparing => "Prepared",
             Step::PreFlushing(_) => "PreFlushed",
+            Step::Staging(_) => "BaseStaged",
             Step::Freezing(..) => "Frozen",
             Step::Importing => "InitReply",
             Step::Committing => "the old client's exit",
@@ -130,7 +162,11 @@ impl Step {
 
     fn before_commit(&self) -> bool {
         match self {
-            Step::Preparing | Step::PreFlushing(_) | Step::Freezing(..) | Step::Importing => true,
+            Step::Preparing
+            | Step::PreFlushing(_)
+            | Step::Staging(_)
+            | Step::Freezing(..)
+            | Step::Importing => true,
             Step::Committing | Step::Confirming { .. } => false,
         }
     }
@@ -439,6 +475,7 @@ impl Machine {
             freeze_at: None,
             handed_over: 0,
             snapshot: None,
+            base: None,
             step: Step::Preparing,
         }));
         Ok(())
@@ -536,8 +573,17 @@ impl Machine {
     }
 
     fn send_state_and_init(&mut self, to: Generation, snapshot: &Snapshot) {
-        for chunk in state::split(&snapshot.bytes) {
-            self.send(to, ToClient::State(chunk));
+        match snapshot.whole() {
+            Ok(bytes) => {
+                for chunk in state::split(&bytes) {
+                    self.send(to, ToClient::State(chunk));
+                }
+            }
+            // Both came from the old client and were accepted by the new one: this does
+            // not happen. Restarting without a state is what a crash does.
+            Err(e) => {
+                tracing::error!(error = %e, "cannot merge the kept base state with the changes since: restarting without a state");
+            }
         }
         self.send_init(to);
     }
@@ -670,7 +716,8 @@ impl Machine {
                 | ToSupervisor::Thawed
                 | ToSupervisor::FirstServed { .. }
                 | ToSupervisor::Adopted(_)
-                | ToSupervisor::RequestLog { .. } => {
+                | ToSupervisor::RequestLog { .. }
+                | ToSupervisor::BaseStaged { .. } => {
                     tracing::debug!(message = %short(&msg), "ignoring a message from the serving client");
                     Phase::Idle
                 }

@@ -34,6 +34,9 @@ pub struct Agreement {
     pub mode: FreezeMode,
     /// The newest state schema version both support.
     pub state_version: u16,
+    /// Both announce [`capability::STATE_DELTA`]: the old client exports its state before
+    /// the freeze (`PreExport`) and only the changes since inside it.
+    pub delta: bool,
 }
 
 fn has(h: &Hello, cap: &str) -> bool {
@@ -95,6 +98,7 @@ pub fn negotiate(
     Ok(Agreement {
         mode,
         state_version,
+        delta: both(capability::STATE_DELTA),
     })
 }
 
@@ -182,7 +186,8 @@ mod tests {
             a,
             Ok(Agreement {
                 mode: FreezeMode::Resend,
-                state_version: 3
+                state_version: 3,
+                delta: false,
             })
         );
     }
@@ -192,6 +197,7 @@ mod tests {
         let drain = Ok(Agreement {
             mode: FreezeMode::Drain,
             state_version: 1,
+            delta: false,
         });
         assert_eq!(
             negotiate(&hello(&[1], ALL), &hello(&[1], ALL), false, false, false),
@@ -206,6 +212,27 @@ mod tests {
             negotiate(&no_park, &hello(&[1], ALL), true, false, false),
             drain
         );
+    }
+
+    #[test]
+    fn changes_only_inside_the_freeze_when_both_can() {
+        let delta: Vec<&str> = ALL
+            .iter()
+            .copied()
+            .chain([capability::STATE_DELTA])
+            .collect();
+        let both = negotiate(
+            &hello(&[1], &delta),
+            &hello(&[1], &delta),
+            true,
+            false,
+            true,
+        );
+        assert_eq!(both.map(|a| a.delta), Ok(true));
+        let old_only = negotiate(&hello(&[1], &delta), &hello(&[1], ALL), true, false, true);
+        assert_eq!(old_only.map(|a| a.delta), Ok(false));
+        let new_only = negotiate(&hello(&[1], ALL), &hello(&[1], &delta), true, false, true);
+        assert_eq!(new_only.map(|a| a.delta), Ok(false));
     }
 
     #[test]

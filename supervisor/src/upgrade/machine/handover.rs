@@ -6,8 +6,10 @@ use std::sync::Arc;
 use handover_proto::message::{FreezeMode, ToClient, ToSupervisor};
 use handover_proto::state::Assembler;
 
-use super::{Input, Machine, Phase, Probation, Rollback, Snapshot, Step, Upgrade, short};
-use crate::upgrade::negotiate;
+use super::{
+    BaseTransfer, Input, Machine, Phase, Probation, Rollback, Snapshot, Step, Upgrade, short,
+};
+use crate::upgrade::negotiate::{self, Agreement};
 use crate::upgrade::types::{ClientInfo, ExitInfo, Outcome, Timestamp};
 
 impl Machine {
@@ -78,18 +80,52 @@ impl Machine {
         let step = std::mem::replace(&mut up.step, Step::Preparing);
         match (step, msg) {
             (_, ToSupervisor::SessionEnded { error }) => self.ended(error, true),
-            (Step::PreFlushing(a), ToSupervisor::PreFlushed { error: None }) => {
-                self.send(
-                    up.old.generation,
-                    ToClient::Freeze {
-                        mode: a.mode,
-                        state_version: a.state_version,
-                    },
-                );
-                up.freeze_at = Some(now);
-                tracing::info!(mode = ?a.mode, state_version = a.state_version, "upgrade: freezing the old client");
-                up.step = Step::Freezing(a, Assembler::default());
+            (Step::PreFlushing(a), ToSupervisor::State(chunk)) if up.base.is_some() => {
+                let forwarded = chunk.clone();
+                let Some(base) = up.base.as_mut() else {
+                    unreachable!("checked by the guard")
+                };
+                match base.asm.push(chunk) {
+                    Ok(Some(bytes)) => {
+                        tracing::info!(
+                            bytes = bytes.len(),
+                            "upgrade: base state exported; the new client stages it"
+                        );
+                        base.bytes = Some(Arc::new(bytes));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        up.step = Step::PreFlushing(a);
+                        return self.rollback(
+                            now,
+                            up,
+                            format!("the old client sent a malformed base state: {e}"),
+                        );
+                    }
+                }
+                if up.new_alive {
+                    self.send(up.new_gen, ToClient::BaseState(forwarded));
+                }
+                up.step = Step::PreFlushing(a);
                 Phase::Upgrading(up)
+            }
+            (Step::PreFlushing(a), ToSupervisor::PreFlushed { error: None }) => {
+                match up.base.as_ref().map(|b| (b.bytes.is_some(), b.staged)) {
+                    None | Some((true, true)) => self.freeze(now, up, a),
+                    Some((true, false)) => {
+                        up.step = Step::Staging(a);
+                        Phase::Upgrading(up)
+                    }
+                    Some((false, _)) => {
+                        up.step = Step::PreFlushing(a);
+                        self.rollback(
+                            now,
+                            up,
+                            "the old client pre-exported without sending its whole base state"
+                                .into(),
+                        )
+                    }
+                }
             }
             (Step::PreFlushing(a), ToSupervisor::PreFlushed { error: Some(e) }) => {
                 up.step = Step::PreFlushing(a);
@@ -106,6 +142,7 @@ impl Machine {
                         up.snapshot = Some(Arc::new(Snapshot {
                             version: a.state_version,
                             bytes,
+                            base: up.base.as_ref().and_then(|b| b.bytes.clone()),
                         }));
                     }
                     Ok(None) => {}
@@ -168,7 +205,8 @@ impl Machine {
                 | ToSupervisor::Thawed
                 | ToSupervisor::FirstServed { .. }
                 | ToSupervisor::Adopted(_)
-                | ToSupervisor::RequestLog { .. }),
+                | ToSupervisor::RequestLog { .. }
+                | ToSupervisor::BaseStaged { .. }),
             ) => {
                 tracing::warn!(message = %short(&msg), waiting_for = step.name(), "ignoring an unexpected message from the old client");
                 up.step = step;
@@ -177,9 +215,50 @@ impl Machine {
         }
     }
 
+    /// `Freeze` to the old client.
+    fn freeze(&mut self, now: Timestamp, mut up: Box<Upgrade>, a: Agreement) -> Phase {
+        self.send(
+            up.old.generation,
+            ToClient::Freeze {
+                mode: a.mode,
+                state_version: a.state_version,
+            },
+        );
+        up.freeze_at = Some(now);
+        tracing::info!(mode = ?a.mode, state_version = a.state_version, delta = a.delta, "upgrade: freezing the old client");
+        up.step = Step::Freezing(a, Assembler::default());
+        Phase::Upgrading(up)
+    }
+
     fn new_message(&mut self, now: Timestamp, mut up: Box<Upgrade>, msg: ToSupervisor) -> Phase {
         let step = std::mem::replace(&mut up.step, Step::Preparing);
+        let base_whole = up
+            .base
+            .as_ref()
+            .is_some_and(|b| b.bytes.is_some() && !b.staged);
         match (step, msg) {
+            (Step::PreFlushing(a), ToSupervisor::BaseStaged { error: None }) if base_whole => {
+                if let Some(b) = up.base.as_mut() {
+                    b.staged = true;
+                }
+                up.step = Step::PreFlushing(a);
+                Phase::Upgrading(up)
+            }
+            (Step::Staging(a), ToSupervisor::BaseStaged { error: None }) if base_whole => {
+                if let Some(b) = up.base.as_mut() {
+                    b.staged = true;
+                }
+                tracing::info!("upgrade: the new client staged the base state");
+                self.freeze(now, up, a)
+            }
+            (step, ToSupervisor::BaseStaged { error: Some(e) }) if step.before_commit() => {
+                up.step = step;
+                self.new_failed(
+                    now,
+                    up,
+                    format!("the new client cannot take over the base state: {e}"),
+                )
+            }
             (
                 Step::Preparing,
                 ToSupervisor::Prepared {
@@ -216,7 +295,17 @@ impl Machine {
                     spec: up.new_spec.clone(),
                 });
                 up.mode = Some(agreement.mode);
-                self.send(up.old.generation, ToClient::PreFlush);
+                if agreement.delta {
+                    self.send(
+                        up.old.generation,
+                        ToClient::PreExport {
+                            state_version: agreement.state_version,
+                        },
+                    );
+                    up.base = Some(BaseTransfer::default());
+                } else {
+                    self.send(up.old.generation, ToClient::PreFlush);
+                }
                 up.step = Step::PreFlushing(agreement);
                 Phase::Upgrading(up)
             }
@@ -266,7 +355,8 @@ impl Machine {
                 | ToSupervisor::Thawed
                 | ToSupervisor::FirstServed { .. }
                 | ToSupervisor::Adopted(_)
-                | ToSupervisor::RequestLog { .. }),
+                | ToSupervisor::RequestLog { .. }
+                | ToSupervisor::BaseStaged { .. }),
             ) => {
                 let reason = format!(
                     "protocol error: the new client sent {} while the supervisor waited for {}",
@@ -307,9 +397,11 @@ impl Machine {
         match up.step {
             Step::Committing => self.after_commit(now, up),
             Step::Confirming { .. } => self.restart(now, up, fate),
-            Step::Preparing | Step::PreFlushing(_) | Step::Freezing(..) | Step::Importing => {
-                self.new_failed(now, up, fate)
-            }
+            Step::Preparing
+            | Step::PreFlushing(_)
+            | Step::Staging(_)
+            | Step::Freezing(..)
+            | Step::Importing => self.new_failed(now, up, fate),
         }
     }
 
@@ -329,7 +421,7 @@ impl Machine {
                 up.step = Step::Importing;
                 Phase::Upgrading(up)
             }
-            Step::Preparing | Step::PreFlushing(_) | Step::Freezing(..) => {
+            Step::Preparing | Step::PreFlushing(_) | Step::Staging(_) | Step::Freezing(..) => {
                 self.shut_down(now, up.new_gen);
                 let reason = format!(
                     "the client (generation {old}) exited unexpectedly ({exit}) during an upgrade, before it handed over its state"
@@ -415,6 +507,11 @@ impl Machine {
             return self.restart(now, up, reason);
         }
         if up.freeze_at.is_none() {
+            if up.base.is_some() {
+                // It serves, with a base out that recorded changes: a thaw drops it. Its
+                // `Thawed` needs no waiting for.
+                self.send(up.old.generation, ToClient::Thaw);
+            }
             return self.rolled_back(now, up, reason, now);
         }
         self.send(up.old.generation, ToClient::Thaw);
@@ -458,6 +555,7 @@ impl Machine {
                             rb.up.snapshot = Some(Arc::new(Snapshot {
                                 version: *version,
                                 bytes,
+                                base: rb.up.base.as_ref().and_then(|b| b.bytes.clone()),
                             }));
                             rb.assembling = None;
                         }

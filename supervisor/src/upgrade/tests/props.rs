@@ -12,7 +12,7 @@ use handover_proto::message::{Generation, Hello, capability};
 use proptest::prelude::*;
 
 use super::sim::{
-    Fault, MISSING_BINARY, NEW_BINARY, Point, Script, Seen, Sim, hello_all, init_reply,
+    Fault, MISSING_BINARY, NEW_BINARY, Point, Script, Seen, Sim, hello_all, hello_delta, init_reply,
 };
 use crate::upgrade::{Outcome, PhaseKind};
 
@@ -43,6 +43,7 @@ fn point() -> impl Strategy<Value = Point> {
     prop_oneof![
         Just(Point::Start),
         Just(Point::PreFlush),
+        Just(Point::BaseState),
         Just(Point::Freeze),
         Just(Point::MidState),
         Just(Point::Frozen),
@@ -61,6 +62,7 @@ fn fault() -> impl Strategy<Value = Fault> {
 fn script() -> impl Strategy<Value = Script> {
     let hello = prop_oneof![
         6 => Just(hello_all()),
+        4 => Just(hello_delta()),
         1 => Just(Hello { state_versions: vec![2], ..hello_all() }),
         1 => Just(Hello { state_versions: vec![1], capabilities: vec![capability::DRAIN.into()] }),
         // A build that predates the request log.

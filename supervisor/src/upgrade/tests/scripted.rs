@@ -8,7 +8,8 @@ use handover_proto::control::UpgradeReport;
 use handover_proto::message::{FreezeMode, Generation, capability};
 
 use super::sim::{
-    Fault, MISSING_BINARY, NEW_BINARY, OLD_BINARY, Point, Script, Seen, Sim, hello_all, init_reply,
+    Fault, MISSING_BINARY, NEW_BINARY, OLD_BINARY, Point, Script, Seen, Sim, hello_all,
+    hello_delta, init_reply,
 };
 use crate::upgrade::{Outcome, PhaseKind, Timings};
 
@@ -913,4 +914,103 @@ fn a_successor_dying_on_probation_gives_way_to_the_previous_binary_and_later_not
     assert_eq!(sim.m.serving().generation, Generation(4));
     assert_eq!(sim.fake(4).binary.to_str(), Some(OLD_BINARY));
     assert!(sim.fake(4).got_state.is_empty());
+}
+
+fn delta(version: &str) -> Script {
+    Script {
+        hello: hello_delta(),
+        state_len: 3 * handover_proto::state::CHUNK_BYTES,
+        ..Script::ack(version)
+    }
+}
+
+#[test]
+fn a_delta_handover_moves_the_base_before_the_freeze_and_the_changes_inside_it() {
+    let mut sim = Sim::new(delta("1.0"), true);
+    sim.scripts.push_back(delta("2.0"));
+    sim.request(Some(NEW_BINARY), false).expect("request");
+    sim.run(LONG);
+    upgraded(&sim);
+    let sent = sim.sent();
+    let at = |g: u64, n: &str| sent.iter().position(|s| *s == (g, n)).expect(n);
+    assert!(!sent.contains(&(1, "PreFlush")));
+    // The whole base reached the new client before the old one was frozen.
+    let last_base = sent
+        .iter()
+        .rposition(|s| *s == (2, "BaseState"))
+        .expect("base");
+    assert!(at(1, "PreExport") < at(2, "BaseState"));
+    assert!(last_base < at(1, "Freeze(resend)"));
+    assert!(at(1, "Freeze(resend)") < at(2, "State"));
+    assert_eq!(sim.fake(2).got_base, sim.fake(1).export());
+    assert_eq!(sim.fake(2).got_state, sim.fake(1).export_delta());
+    // The changes are small: one chunk inside the freeze.
+    assert_eq!(sent.iter().filter(|s| **s == (2, "State")).count(), 1);
+    assert_eq!(sim.m.serving().generation, Generation(2));
+}
+
+#[test]
+fn a_whole_state_when_only_one_side_can_hand_over_changes() {
+    for (old, new) in [
+        (delta("1.0"), Script::ack("2.0")),
+        (Script::ack("1.0"), delta("2.0")),
+    ] {
+        let mut sim = Sim::new(old, true);
+        sim.scripts.push_back(new);
+        sim.request(Some(NEW_BINARY), false).expect("request");
+        sim.run(LONG);
+        upgraded(&sim);
+        let sent = sim.sent();
+        assert!(sent.contains(&(1, "PreFlush")));
+        assert!(!sent.contains(&(1, "PreExport")) && !sent.contains(&(2, "BaseState")));
+        assert_eq!(sim.fake(2).got_state, sim.fake(1).export());
+    }
+}
+
+#[test]
+fn a_base_the_new_client_refuses_rolls_back_and_thaws_the_old_one() {
+    let mut sim = Sim::new(delta("1.0"), true);
+    sim.scripts
+        .push_back(delta("2.0").with_fault(Point::BaseState, Fault::Fail));
+    sim.request(Some(NEW_BINARY), false).expect("request");
+    sim.run(LONG);
+    let r = rolled_back(&sim);
+    let reason = r.reason.unwrap_or_default();
+    assert!(
+        reason.contains("cannot take over the base state"),
+        "{reason}"
+    );
+    let sent = sim.sent();
+    assert!(!sent.iter().any(|(_, n)| n.starts_with("Freeze")));
+    // The old client drops the base it recorded changes for.
+    assert!(sent.contains(&(1, "Thaw")));
+    assert!(sim.fake(1).base_out.is_none());
+    assert_eq!(sim.m.serving().generation, Generation(1));
+    // The next upgrade starts over from a new base.
+    sim.scripts.push_back(delta("2.0"));
+    sim.request(Some(NEW_BINARY), false).expect("request");
+    sim.run(LONG);
+    assert_eq!(sim.m.serving().generation, Generation(3));
+    assert_eq!(sim.fake(3).got_base, sim.fake(1).export());
+    let whole = handover_proto::state::merge(1, &sim.fake(1).export(), &sim.fake(1).export_delta())
+        .expect("merge");
+    assert_eq!(sim.fake(3).handed(), whole);
+}
+
+#[test]
+fn a_successor_dying_after_a_delta_commit_restarts_from_the_merged_state() {
+    let mut sim = Sim::new(delta("1.0"), true);
+    sim.scripts
+        .push_back(delta("2.0").with_fault(Point::Serve, Fault::Crash));
+    sim.request(Some(NEW_BINARY), false).expect("request");
+    sim.run(LONG);
+    rolled_back(&sim);
+    // The restarted client (the old binary) gets the whole state in State chunks.
+    let restarted = sim.fake(3);
+    assert_eq!(restarted.binary.to_str(), Some(OLD_BINARY));
+    assert!(restarted.got_base.is_empty());
+    let whole = handover_proto::state::merge(1, &sim.fake(1).export(), &sim.fake(1).export_delta())
+        .expect("merge");
+    assert_eq!(restarted.got_state, whole);
+    assert!(restarted.reading);
 }

@@ -25,7 +25,10 @@ const UNIQUE: u64 = 2;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Point {
     Start,
+    /// `PreFlush`, or `PreExport`.
     PreFlush,
+    /// The new client, at the last base chunk (instead of staging it).
+    BaseState,
     Freeze,
     /// After the first state chunk was sent.
     MidState,
@@ -63,6 +66,13 @@ pub struct Script {
     pub state_len: usize,
     /// Sends `FirstServed` this long after `Serve` (`None`: no request comes).
     pub first_request_after: Option<Duration>,
+}
+
+/// [`hello_all`] and the delta handover.
+pub fn hello_delta() -> Hello {
+    let mut h = hello_all();
+    h.capabilities.push(capability::STATE_DELTA.into());
+    h
 }
 
 pub fn hello_all() -> Hello {
@@ -114,6 +124,10 @@ pub struct Fake {
     pub crashed: bool,
     pub exported_all: bool,
     pub got_state: Vec<u8>,
+    /// Base chunks received (a delta handover's successor).
+    pub got_base: Vec<u8>,
+    /// The base it exported on `PreExport`, while it is out.
+    pub base_out: Option<Vec<u8>>,
     pub got_init: bool,
     /// Answered `Start` with `Prepared`.
     pub prepared: bool,
@@ -136,6 +150,8 @@ impl Fake {
             crashed: false,
             exported_all: false,
             got_state: Vec::new(),
+            got_base: Vec::new(),
+            base_out: None,
             got_init: false,
             prepared: false,
             got_request_log: false,
@@ -154,10 +170,61 @@ impl Fake {
     }
 
     /// The state this client exports: distinct per generation, so that a mix-up shows.
+    /// A client that can hand over changes exports a real state (the supervisor merges
+    /// its base and changes for a restart): this one is its base.
     pub fn export(&self) -> Vec<u8> {
-        (0..self.script.state_len)
-            .map(|i| (i as u64 ^ self.generation.0.wrapping_mul(31)) as u8)
-            .collect()
+        if !self.delta() {
+            return (0..self.script.state_len)
+                .map(|i| (i as u64 ^ self.generation.0.wrapping_mul(31)) as u8)
+                .collect();
+        }
+        let g = self.generation.0;
+        let s = state::ClientStateV1 {
+            generation: g,
+            session: SESSION,
+            volume_uuid: "sim".into(),
+            spec: spec(),
+            init_request: Vec::new(),
+            init_reply: Vec::new(),
+            lookups: (1..=(self.script.state_len / 8) as u64)
+                .map(|i| (i, 1 + (i ^ g) % 5))
+                .collect(),
+            files: Vec::new(),
+            dirs: Vec::new(),
+            orphans: vec![g],
+            next_handle: 1,
+        };
+        state::encode(&state::ClientState::V1(s)).expect("encode")
+    }
+
+    /// The changes since [`Fake::export`]: inode 1 forgotten, one more looked up.
+    pub fn export_delta(&self) -> Vec<u8> {
+        let g = self.generation.0;
+        let d = state::StateDeltaV1 {
+            generation: g,
+            session: SESSION,
+            lookups: vec![(1, 0), (u64::MAX - g, 2)],
+            orphans: vec![],
+            next_handle: 7,
+            ..Default::default()
+        };
+        state::encode_delta(&state::StateDelta::V1(d)).expect("encode")
+    }
+
+    fn delta(&self) -> bool {
+        self.script
+            .hello
+            .capabilities
+            .iter()
+            .any(|c| c == capability::STATE_DELTA)
+    }
+
+    /// The whole state it was handed: the base with the changes, or the state.
+    pub fn handed(&self) -> Vec<u8> {
+        if self.got_base.is_empty() {
+            return self.got_state.clone();
+        }
+        state::merge(1, &self.got_base, &self.got_state).expect("base and changes merge")
     }
 }
 
@@ -262,6 +329,8 @@ fn name(msg: &ToClient) -> &'static str {
         ToClient::Detach => "Detach",
         ToClient::RequestLog => "RequestLog",
         ToClient::SendRequestLog => "SendRequestLog",
+        ToClient::PreExport { .. } => "PreExport",
+        ToClient::BaseState(_) => "BaseState",
     }
 }
 
@@ -461,7 +530,7 @@ impl Sim {
                     // other successor has the last one exported.
                     if let (Some(export), false) = (&self.last_export, f.got_state.is_empty()) {
                         assert!(
-                            f.got_state == *export,
+                            f.handed() == *export,
                             "generation {to} serves with a state that is not the last export"
                         );
                     }
@@ -549,7 +618,8 @@ impl Sim {
         };
         let point = match &msg {
             ToClient::Start { .. } => Some(Point::Start),
-            ToClient::PreFlush => Some(Point::PreFlush),
+            ToClient::PreFlush | ToClient::PreExport { .. } => Some(Point::PreFlush),
+            ToClient::BaseState(c) if c.index + 1 == c.total => Some(Point::BaseState),
             ToClient::Freeze { .. } => Some(Point::Freeze),
             ToClient::State(_) => Some(Point::StateChunk),
             ToClient::Init { .. } => Some(Point::Init),
@@ -560,7 +630,8 @@ impl Sim {
             | ToClient::Adopt { .. }
             | ToClient::Detach
             | ToClient::RequestLog
-            | ToClient::SendRequestLog => None,
+            | ToClient::SendRequestLog
+            | ToClient::BaseState(_) => None,
         };
         let fault = f
             .script
@@ -582,6 +653,10 @@ impl Sim {
                 let reason = format!("fake failure at {point:?}");
                 let m = if matches!(msg, ToClient::Freeze { .. }) {
                     ToSupervisor::FreezeFailed { reason }
+                } else if matches!(msg, ToClient::BaseState(_)) {
+                    ToSupervisor::BaseStaged {
+                        error: Some(reason),
+                    }
                 } else {
                     ToSupervisor::Failed { reason }
                 };
@@ -604,10 +679,50 @@ impl Sim {
                     session: f.script.session.or(resume_session).unwrap_or(SESSION),
                 });
             }
-            ToClient::PreFlush => f.outbox.push_back(ToSupervisor::PreFlushed { error: None }),
+            ToClient::PreFlush => {
+                f.base_out = None;
+                f.outbox.push_back(ToSupervisor::PreFlushed { error: None });
+            }
+            ToClient::PreExport { .. } => {
+                assert!(
+                    f.delta(),
+                    "PreExport to {g}, which does not announce the capability"
+                );
+                let base = f.export();
+                for c in state::split(&base) {
+                    f.outbox.push_back(ToSupervisor::State(c));
+                }
+                f.base_out = Some(base);
+                f.outbox.push_back(ToSupervisor::PreFlushed { error: None });
+            }
+            ToClient::BaseState(chunk) => {
+                assert!(
+                    f.delta(),
+                    "BaseState to {g}, which does not announce the capability"
+                );
+                assert!(
+                    f.got_state.is_empty() && !f.got_init,
+                    "BaseState to {g} after its State or Init"
+                );
+                let last = chunk.index + 1 == chunk.total;
+                f.got_base.extend_from_slice(&chunk.data);
+                if last {
+                    f.outbox.push_back(ToSupervisor::BaseStaged { error: None });
+                }
+            }
             ToClient::Freeze { .. } => {
                 f.frozen = true;
-                let chunks = state::split(&f.export());
+                // With a base out, only the changes since; the whole is what a successor
+                // must end up with.
+                let (bytes, whole) = match &f.base_out {
+                    Some(base) => {
+                        let d = f.export_delta();
+                        let whole = state::merge(1, base, &d).expect("merge");
+                        (d, whole)
+                    }
+                    None => (f.export(), f.export()),
+                };
+                let chunks = state::split(&bytes);
                 let total = chunks.len();
                 let mid = matches!(f.script.fault, Some((Point::MidState, _)));
                 for (i, c) in chunks.into_iter().enumerate() {
@@ -617,13 +732,13 @@ impl Sim {
                         f.die(ExitInfo::Signal(11));
                         if total == 1 {
                             f.exported_all = true;
-                            self.last_export = Some(f.export());
+                            self.last_export = Some(whole);
                         }
                         return true;
                     }
                 }
                 f.exported_all = true;
-                self.last_export = Some(f.export());
+                self.last_export = Some(whole);
                 let f = self.fakes.get_mut(&g).expect("fake");
                 f.outbox.push_back(ToSupervisor::Frozen {
                     parked: 3,
@@ -655,6 +770,7 @@ impl Sim {
             ToClient::Thaw => {
                 f.frozen = false;
                 f.exported_all = false;
+                f.base_out = None;
                 f.outbox.push_back(ToSupervisor::Thawed);
             }
             ToClient::Shutdown => {
